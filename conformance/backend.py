@@ -1,0 +1,83 @@
+"""A backend: an attention function in flash-attn's calling convention plus what it declares.
+
+The convention is ``fn(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, ...)`` with q of
+shape (batch, seqlen_q, nheads, head_dim) and k, v of shape (batch, seqlen_k, nheads_k, head_dim),
+returning out shaped like q, or a tuple whose first item is out. ``call`` is the only place that turns
+a case into keyword arguments, so every check calls every backend the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from conformance.capabilities import Capabilities
+from conformance.case import Case
+from conformance.inputs import alibi_slopes
+
+
+class Unsupported(Exception):
+    """Raised by an adapter when the library it wraps refuses a case at run time, with the library's
+    own reason (e.g. SDPA pinned to one kernel). The case is skipped with that reason, never passed."""
+
+
+class ContractError(Exception):
+    """The backend returned something that is not attention's output for these inputs."""
+
+
+def always_available() -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: Callable
+    capabilities: Capabilities
+    description: str = ""
+    # Reasons the backend cannot run on this machine (missing package, no kernels for this GPU...);
+    # empty when it can. Called lazily, so listing backends never imports a heavy package twice.
+    unavailable_reasons: Callable[[], list[str]] = field(default=always_available, compare=False)
+
+
+def kwargs_for(backend: Backend, case: Case, device) -> dict:
+    """The keyword arguments that ask ``backend`` for ``case`` in flash-attn's convention.
+
+    Optional arguments are passed only when the case uses them, so a function that lacks one still
+    runs every case that does not need it. A backend declaring both causal alignments also receives
+    ``causal_alignment`` ("bottom_right" or "top_left").
+    """
+    kwargs: dict = {"causal": case.causal is not None}
+    if case.softmax_scale is not None:
+        kwargs["softmax_scale"] = case.softmax_scale
+    if case.causal is not None and len(backend.capabilities.causal) > 1:
+        kwargs["causal_alignment"] = case.causal
+    if case.window is not None:
+        kwargs["window_size"] = case.window
+    if case.softcap:
+        kwargs["softcap"] = case.softcap
+    if case.alibi:
+        kwargs["alibi_slopes"] = alibi_slopes(case.nheads).to(device)
+    return kwargs
+
+
+def call(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case) -> torch.Tensor:
+    """Run the backend and hold its result to the output contract (a tensor shaped like q, same dtype
+    and device), so a wrong return is reported as such rather than as a numerical mismatch."""
+    out = backend.fn(q, k, v, **kwargs_for(backend, case, q.device))
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise ContractError(f"backend {backend.name!r} returned {type(out).__name__}, not a tensor")
+    problems = []
+    if tuple(out.shape) != tuple(q.shape):
+        problems.append(f"shape {tuple(out.shape)} instead of q's {tuple(q.shape)}")
+    if out.dtype != q.dtype:
+        problems.append(f"dtype {out.dtype} instead of q's {q.dtype}")
+    if out.device != q.device:
+        problems.append(f"device {out.device} instead of q's {q.device}")
+    if problems:
+        raise ContractError(f"backend {backend.name!r} returned " + ", ".join(problems))
+    return out

@@ -1,0 +1,41 @@
+"""`naive`: the lab notes' textbook attention (matmul -> scale -> mask -> softmax -> matmul).
+
+It materialises the (seqlen_q, seqlen_k) score and weight matrices: quadratic memory. Masked scores
+are filled with -1e9 as the notes do (clipped to the dtype's range, since float16 cannot hold -1e9),
+so a query that may attend to no key gets uniform weights: the mean of V, not zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from conformance.backend import Backend
+from conformance.capabilities import Capabilities
+
+
+def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    if dropout_p:
+        raise ValueError("naive attention has no dropout")
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seqlen, head_dim)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if causal:
+        sq, sk = scores.shape[-2:]
+        offset = sk - sq if causal_alignment == "bottom_right" else 0
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(offset)
+        scores = scores.masked_fill(mask == 0, max(-1e9, torch.finfo(scores.dtype).min))
+    weights = torch.softmax(scores, dim=-1)
+    return torch.matmul(weights, v).transpose(1, 2)
+
+
+BACKEND = Backend(
+    name="naive",
+    fn=attention,
+    capabilities=Capabilities(causal=("bottom_right", "top_left"), masked_rows="mean_v", head_dim_max=1024,
+                              memory="quadratic"),
+    description="textbook attention of the lab notes, plain PyTorch",
+)

@@ -1,0 +1,154 @@
+"""`tiled`: the FlashAttention algorithm in plain PyTorch, written to be read.
+
+Forward: for each block of queries, walk the blocks of keys/values with the online softmax (running
+max m, running sum l, an accumulator rescaled whenever m grows), so the (seqlen_q, seqlen_k) matrix is
+never materialised: memory grows linearly with the sequence. Blocks that the mask hides entirely are
+skipped. The log-sum-exp of each row is saved for the backward, which recomputes every block's
+probabilities from it instead of storing them (FlashAttention's recomputation).
+
+Masks are computed here from the arguments, independently of the suite's reference. Arithmetic is in
+float32 for 16-bit inputs (as FlashAttention accumulates) and in float64 for float64 inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from conformance.backend import Backend
+from conformance.capabilities import Capabilities
+
+
+class _Mask:
+    """Which (query, key) pairs may interact, from causal/window arguments in flash-attn's sense."""
+
+    def __init__(self, seqlen_q, seqlen_k, causal, alignment, window, device):
+        self.offset = seqlen_k - seqlen_q if alignment == "bottom_right" else 0
+        left, right = window
+        if causal:
+            right = 0
+        self.left, self.right, self.device = left, right, device
+
+    def block(self, r0, r1, c0, c1):
+        """(r1-r0, c1-c0) bool for this block, or None when nothing is masked, or False when all is."""
+        if self.left < 0 and self.right < 0:
+            return None
+        diag_lo, diag_hi = r0 + self.offset, r1 - 1 + self.offset
+        if (self.right >= 0 and c0 > diag_hi + self.right) or (self.left >= 0 and c1 - 1 < diag_lo - self.left):
+            return False
+        diag = torch.arange(r0, r1, device=self.device).unsqueeze(1) + self.offset
+        j = torch.arange(c0, c1, device=self.device).unsqueeze(0)
+        ok = torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=self.device)
+        if self.right >= 0:
+            ok &= j <= diag + self.right
+        if self.left >= 0:
+            ok &= j >= diag - self.left
+        return ok
+
+
+def _scores(qb, kb, scale, softcap, alibi, r0, c0, alibi_offset, mask):
+    """Scaled (and optionally soft-capped, ALiBi-biased, masked) scores of one block; also tanh for
+    the softcap's derivative."""
+    s = torch.matmul(qb, kb.transpose(-2, -1)) * scale
+    t = None
+    if softcap:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    if alibi is not None:
+        i = torch.arange(r0, r0 + s.shape[-2], device=s.device).unsqueeze(1)
+        j = torch.arange(c0, c0 + s.shape[-1], device=s.device).unsqueeze(0)
+        # ALiBi distances are bottom-right aligned whatever the causal alignment, as in flash-attn.
+        s = s - alibi.view(1, -1, 1, 1) * (i + alibi_offset - j).abs()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return s, t
+
+
+class _TiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, mask, softcap, alibi, block_q, block_k):
+        # q: (B, H, Sq, D); k, v: (B, H, Sk, D), already in the accumulation dtype.
+        sq, sk = q.shape[-2], k.shape[-2]
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], dtype=q.dtype, device=q.device)
+        for r0 in range(0, sq, block_q):
+            r1 = min(r0 + block_q, sq)
+            qb = q[..., r0:r1, :]
+            m = torch.full(qb.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+            l = torch.zeros_like(m)
+            acc = torch.zeros_like(qb)
+            for c0 in range(0, sk, block_k):
+                c1 = min(c0 + block_k, sk)
+                blk_mask = mask.block(r0, r1, c0, c1)
+                if blk_mask is False:
+                    continue
+                s, _ = _scores(qb, k[..., c0:c1, :], scale, softcap, alibi, r0, c0, sk - sq, blk_mask)
+                m_new = torch.maximum(m, s.amax(dim=-1))
+                m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows seeing nothing yet
+                p = torch.exp(s - m_safe.unsqueeze(-1))
+                alpha = torch.exp(m - m_safe)
+                l = l * alpha + p.sum(dim=-1)
+                acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, v[..., c0:c1, :])
+                m = m_new
+            seen = l > 0  # a query that may attend to no key returns zeros, as flash-attn does
+            out[..., r0:r1, :] = torch.where(seen.unsqueeze(-1), acc / l.clamp_min(1e-30).unsqueeze(-1), 0.0)
+            lse[..., r0:r1] = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), float("inf"))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (scale, mask, softcap, alibi, block_q, block_k)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, mask, softcap, alibi, block_q, block_k = ctx.args
+        dout = dout.to(q.dtype)
+        sq, sk = q.shape[-2], k.shape[-2]
+        delta = (dout * out).sum(dim=-1)  # rowsum(dO * O), the softmax backward's correction term
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for c0 in range(0, sk, block_k):
+            c1 = min(c0 + block_k, sk)
+            kb, vb = k[..., c0:c1, :], v[..., c0:c1, :]
+            for r0 in range(0, sq, block_q):
+                r1 = min(r0 + block_q, sq)
+                blk_mask = mask.block(r0, r1, c0, c1)
+                if blk_mask is False:
+                    continue
+                qb, dob = q[..., r0:r1, :], dout[..., r0:r1, :]
+                s, t = _scores(qb, kb, scale, softcap, alibi, r0, c0, sk - sq, blk_mask)
+                p = torch.exp(s - lse[..., r0:r1].unsqueeze(-1))  # recomputed from the saved log-sum-exp
+                dv[..., c0:c1, :] += torch.matmul(p.transpose(-2, -1), dob)
+                dp = torch.matmul(dob, vb.transpose(-2, -1))
+                ds = p * (dp - delta[..., r0:r1].unsqueeze(-1))
+                if softcap:
+                    ds = ds * (1 - t * t)
+                dq[..., r0:r1, :] += torch.matmul(ds, kb) * scale
+                dk[..., c0:c1, :] += torch.matmul(ds.transpose(-2, -1), qb) * scale
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+              alibi_slopes=None, causal_alignment="bottom_right", block_q=64, block_k=64):
+    """flash-attn's calling convention; block_q and block_k set the tile sizes."""
+    if dropout_p:
+        raise ValueError("tiled attention has no dropout")
+    in_dtype = q.dtype
+    acc = torch.float64 if in_dtype == torch.float64 else torch.float32
+    qh, kh, vh = (t.transpose(1, 2).to(acc) for t in (q, k, v))  # (B, H, S, D)
+    group = qh.shape[1] // kh.shape[1]
+    if group > 1:  # GQA/MQA: query head h reads key/value head h // group
+        kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    mask = _Mask(q.shape[1], k.shape[1], causal, causal_alignment, tuple(window_size), q.device)
+    alibi = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=acc)
+    out = _TiledAttention.apply(qh, kh, vh, scale, mask, softcap, alibi, block_q, block_k)
+    return out.transpose(1, 2).to(in_dtype)
+
+
+BACKEND = Backend(
+    name="tiled",
+    fn=attention,
+    capabilities=Capabilities(causal=("bottom_right", "top_left"), head_dim_max=1024, memory="linear",
+                              window=True, softcap=True, alibi=True),
+    description="FlashAttention's algorithm (online softmax, recomputing backward) in plain PyTorch",
+)

@@ -1,0 +1,148 @@
+"""One attention problem, as plain data: shapes, dtype, masking, layout, seed.
+
+A case never holds tensors. Its id is a complete serialisation (``Case.from_id(case.id) == case``),
+so a failing case can be rerun from the one line printed with it, and results and baselines are keyed
+by something that does not change when a test function is renamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+ALIGNMENTS = ("bottom_right", "top_left")
+LAYOUTS = ("contiguous", "packed", "bhsd")
+_ALIGN_TOKENS = {"bottom_right": "br", "top_left": "tl"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """q is (batch, seqlen_q, nheads, head_dim); k and v are (batch, seqlen_k, nheads_k, head_dim).
+
+    causal: None, or the alignment of the causal mask ("bottom_right" as in flash-attn: query i sees
+      keys j <= i + seqlen_k - seqlen_q; "top_left" as in SDPA's is_causal: keys j <= i).
+    softmax_scale: None means 1/sqrt(head_dim), and the backend is called without the argument.
+    layout: "contiguous"; "packed" (q, k, v are views into one (batch, seqlen, nheads + 2*nheads_k,
+      head_dim) tensor, so seqlen_q == seqlen_k); "bhsd" (transposed views of (batch, heads, seqlen,
+      head_dim) storage). The last two are non-contiguous.
+    magnitude: standard deviation of q and k; 16 puts logits far above 88, where an exp without
+      max-subtraction overflows in float32.
+    window: (left, right) sliding window as in flash-attn's window_size, -1 meaning unbounded.
+    softcap: 0 for none, else scores become softcap * tanh(scores / softcap).
+    alibi: add ALiBi biases -slope_h * |i + seqlen_k - seqlen_q - j| with the standard slopes.
+    """
+
+    batch: int = 2
+    seqlen_q: int = 128
+    seqlen_k: int = 128
+    nheads: int = 4
+    nheads_k: int = 4
+    head_dim: int = 64
+    dtype: str = "fp32"
+    causal: str | None = None
+    softmax_scale: float | None = None
+    layout: str = "contiguous"
+    magnitude: float = 1.0
+    window: tuple[int, int] | None = None
+    softcap: float = 0.0
+    alibi: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        problems = []
+        if min(self.batch, self.seqlen_q, self.seqlen_k, self.nheads, self.nheads_k, self.head_dim) < 1:
+            problems.append("batch, seqlens, heads and head_dim must be >= 1")
+        if self.nheads % self.nheads_k:
+            problems.append(f"nheads {self.nheads} is not a multiple of nheads_k {self.nheads_k}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.causal not in (None, *ALIGNMENTS):
+            problems.append(f"causal {self.causal!r} is not None or one of {ALIGNMENTS}")
+        if self.layout not in LAYOUTS:
+            problems.append(f"layout {self.layout!r} is not one of {LAYOUTS}")
+        if self.layout == "packed" and self.seqlen_q != self.seqlen_k:
+            problems.append("layout 'packed' needs seqlen_q == seqlen_k")
+        if self.softmax_scale is not None and not self.softmax_scale > 0:
+            problems.append("softmax_scale must be > 0")
+        if self.softcap < 0 or self.magnitude <= 0:
+            problems.append("softcap must be >= 0 and magnitude > 0")
+        if problems:
+            raise ValueError("invalid case: " + "; ".join(problems))
+
+    # -- derived properties -------------------------------------------------------------------
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def scale(self) -> float:
+        return self.softmax_scale if self.softmax_scale is not None else self.head_dim**-0.5
+
+    def replace(self, **changes) -> Case:
+        return dataclasses.replace(self, **changes)
+
+    # -- id round trip ------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        parts = [f"b{self.batch}", f"q{self.seqlen_q}", f"k{self.seqlen_k}", f"h{self.nheads}"]
+        if self.nheads_k != self.nheads:
+            parts.append(f"kv{self.nheads_k}")
+        parts += [f"d{self.head_dim}", self.dtype]
+        if self.causal:
+            parts.append("causal" + _ALIGN_TOKENS[self.causal])
+        if self.softmax_scale is not None:
+            parts.append(f"scale{self.softmax_scale:g}")
+        if self.layout != "contiguous":
+            parts.append(self.layout)
+        if self.magnitude != 1.0:
+            parts.append(f"x{self.magnitude:g}")
+        if self.window is not None:
+            parts.append(f"win{self.window[0]}.{self.window[1]}")
+        if self.softcap:
+            parts.append(f"cap{self.softcap:g}")
+        if self.alibi:
+            parts.append("alibi")
+        parts.append(f"seed{self.seed}")
+        return "_".join(parts)
+
+    @classmethod
+    def from_id(cls, case_id: str) -> Case:
+        """Parse an id made by ``Case.id``; a ValueError names the token it cannot read."""
+        fields: dict = {}
+        aligns = {v: k for k, v in _ALIGN_TOKENS.items()}
+        ints = {"b": "batch", "q": "seqlen_q", "k": "seqlen_k", "h": "nheads", "kv": "nheads_k",
+                "d": "head_dim", "seed": "seed"}
+        for token in case_id.split("_"):
+            try:
+                if token in DTYPES:
+                    fields["dtype"] = token
+                elif token.startswith("causal") and token[6:] in aligns:
+                    fields["causal"] = aligns[token[6:]]
+                elif token.startswith("scale"):
+                    fields["softmax_scale"] = float(token[5:])
+                elif token in LAYOUTS:
+                    fields["layout"] = token
+                elif token.startswith("win"):
+                    left, right = token[3:].split(".")
+                    fields["window"] = (int(left), int(right))
+                elif token.startswith("cap"):
+                    fields["softcap"] = float(token[3:])
+                elif token == "alibi":
+                    fields["alibi"] = True
+                elif token.startswith("x"):
+                    fields["magnitude"] = float(token[1:])
+                else:
+                    prefix = token.rstrip("0123456789")
+                    fields[ints[prefix]] = int(token[len(prefix):])
+            except (KeyError, ValueError):
+                raise ValueError(f"cannot read token {token!r} of case id {case_id!r}") from None
+        fields.setdefault("nheads_k", fields.get("nheads", cls.nheads))
+        return cls(**fields)
+
+    def seeded(self) -> Case:
+        """The same case with a seed derived from its other fields (stable across runs and machines)."""
+        return self.replace(seed=zlib.crc32(self.replace(seed=0).id.encode()) % 100_000)

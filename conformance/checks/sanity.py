@@ -1,0 +1,78 @@
+"""Sanity: properties every attention kernel owes its caller, whatever its precision.
+
+- finite: no NaN/Inf for finite inputs (except rows the backend declares NaN for);
+- deterministic: the same inputs twice give bitwise the same output (unless declared otherwise);
+- inputs-unmodified: q, k, v are bitwise unchanged by the call;
+- fresh-output: the output shares no storage with the inputs, and a second input set of the same
+  shape gets its own correct result (no result cached by shape, no input handed back).
+Shape, dtype and device of the output are checked on every call of every check (backend.call).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from conformance import tiers
+from conformance.backend import Backend, call
+from conformance.case import Case
+from conformance.checks.forward import output_comparison
+from conformance.expected import expected
+from conformance.inputs import make_inputs
+from conformance.verdict import Verdict
+
+NAME = "sanity"
+NEEDS: tuple[str, ...] = ()
+BASE = Case(batch=2, seqlen_q=128, seqlen_k=128, nheads=4, head_dim=64, dtype="fp32")
+
+
+def cases(tier: str) -> list[Case]:
+    b = BASE
+    quick = [
+        b,
+        b.replace(seqlen_q=129, seqlen_k=65, causal="bottom_right"),
+        b.replace(seqlen_q=65, seqlen_k=65, dtype="fp16", layout="packed"),
+        b.replace(seqlen_q=17, seqlen_k=129, dtype="bf16", layout="bhsd", nheads_k=2),
+    ]
+    standard = [
+        b.replace(dtype=dt, magnitude=16, causal=c) for dt in ("fp16", "bf16", "fp32") for c in (None, "top_left")
+    ]
+    full = [b.replace(seqlen_q=1024, seqlen_k=1024, dtype=dt) for dt in ("fp16", "bf16")]
+    return tiers.grid(tier, quick, standard, full)
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+def run(backend: Backend, case: Case, device: str) -> Verdict:
+    verdict = Verdict(NAME, backend.name, case, device)
+    caps = backend.capabilities
+    inputs = make_inputs(case, device)
+    before = inputs.clone()
+    out = call(backend, inputs.q, inputs.k, inputs.v, case)
+
+    for name in ("q", "k", "v"):
+        if not _bitwise_equal(getattr(inputs, name), getattr(before, name)):
+            verdict.fail("inputs-unmodified", f"the call modified its input {name} in place")
+    storages = {t.untyped_storage().data_ptr() for t in (inputs.q, inputs.k, inputs.v)}
+    if out.untyped_storage().data_ptr() in storages:
+        verdict.fail("fresh-output", "the output shares storage with an input")
+
+    expected_nan = torch.isnan(expected(case, device, caps.masked_rows, False).out).to(out.device)
+    bad = ~torch.isfinite(out) & ~expected_nan
+    if bool(bad.any()):
+        verdict.fail("finite", f"{int(bad.sum())} NaN/Inf values in the output for finite inputs")
+
+    out = out.detach().clone()  # the next call may reuse the backend's output buffer
+    if caps.deterministic_forward:
+        again = call(backend, before.q, before.k, before.v, case)
+        if not _bitwise_equal(out, again):
+            differ = int((~((out == again) | (torch.isnan(out) & torch.isnan(again)))).sum())
+            verdict.fail("deterministic", f"the same inputs twice gave outputs differing in {differ} elements")
+
+    other = case.replace(seed=case.seed + 1)  # same shapes, other numbers
+    comparison = output_comparison(backend, other, device)
+    if not comparison.passed:
+        verdict.fail("fresh-output", "a second input set of the same shape did not get its own result: "
+                     + comparison.describe())
+    return verdict

@@ -1,0 +1,51 @@
+"""Tensors for a case: drawn on the CPU from the case's seed, so every device sees the same numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from conformance.case import Case
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor
+
+    def clone(self) -> Inputs:
+        return Inputs(*(t.detach().clone() for t in (self.q, self.k, self.v, self.dout)))
+
+
+def make_inputs(case: Case, device: str | torch.device, *, requires_grad: bool = False,
+                seed_offset: int = 0) -> Inputs:
+    """q, k, v in the case's layout (views into shared storage for 'packed' and 'bhsd') and an upstream
+    gradient. ``seed_offset`` draws another input set of the same case (used to catch stale results)."""
+    gen = torch.Generator().manual_seed(case.seed * 1000 + seed_offset)
+    b, sq, sk, h, hk, d = case.batch, case.seqlen_q, case.seqlen_k, case.nheads, case.nheads_k, case.head_dim
+    dtype = case.torch_dtype
+
+    def draw(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
+
+    if case.layout == "packed":
+        qkv = torch.cat([draw(b, sq, h, d, std=case.magnitude), draw(b, sq, hk, d, std=case.magnitude),
+                         draw(b, sq, hk, d)], dim=2).requires_grad_(requires_grad)
+        q, k, v = qkv.split([h, hk, hk], dim=2)
+    elif case.layout == "bhsd":
+        bases = [draw(b, h, sq, d, std=case.magnitude), draw(b, hk, sk, d, std=case.magnitude),
+                 draw(b, hk, sk, d)]
+        q, k, v = (t.requires_grad_(requires_grad).transpose(1, 2) for t in bases)
+    else:
+        q = draw(b, sq, h, d, std=case.magnitude).requires_grad_(requires_grad)
+        k = draw(b, sk, hk, d, std=case.magnitude).requires_grad_(requires_grad)
+        v = draw(b, sk, hk, d).requires_grad_(requires_grad)
+    return Inputs(q, k, v, draw(b, sq, h, d))
+
+
+def alibi_slopes(nheads: int) -> torch.Tensor:
+    """The standard ALiBi slopes 2^(-8 i / n), i = 1..n (Press et al.), as float32 like flash-attn expects."""
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / nheads) for i in range(nheads)], dtype=torch.float32)

@@ -1,0 +1,174 @@
+"""The definition every backend is held to: softmax(QKᵀ·scale + mask + bias)·V, written out plainly.
+
+``attention(..., upcast=True)`` computes it in float64 from the backend's own (rounded) inputs: the
+reference. ``upcast=False`` computes the same formula in the inputs' dtype, the way a plain PyTorch
+implementation would, in one of several equally valid orders of evaluation: their errors against the
+reference calibrate the tolerance (see tolerance.py and expected.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from conformance.case import Case
+from conformance.inputs import alibi_slopes
+
+MASKED_ROW_CONVENTIONS = ("zeros", "mean_v", "nan")
+
+
+def key_range(case: Case, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per query i, the inclusive range [lo_i, hi_i] of keys it may attend to; None when unrestricted.
+
+    Causal masks and sliding windows both leave each query one contiguous range of keys, so this is
+    O(seqlen_q) and serves both the mask and the count of fully masked rows (lo_i > hi_i).
+    """
+    if case.causal is None and case.window is None:
+        return None
+    i = torch.arange(case.seqlen_q, device=device)
+    # Position of query i on the key axis: bottom-right alignment (flash-attn) puts the last query on
+    # the last key; top-left (SDPA's is_causal) puts the first query on the first key.
+    diag = i + (0 if case.causal == "top_left" else case.seqlen_k - case.seqlen_q)
+    lo = torch.zeros_like(i)
+    hi = torch.full_like(i, case.seqlen_k - 1)
+    if case.causal is not None:
+        hi = torch.minimum(hi, diag)
+    if case.window is not None:
+        left, right = case.window
+        if left >= 0:
+            lo = torch.maximum(lo, diag - left)
+        if right >= 0:
+            hi = torch.minimum(hi, diag + right)
+    return lo, hi
+
+
+def allowed(case: Case, device=None) -> torch.Tensor | None:
+    """(seqlen_q, seqlen_k) bool: may query i attend to key j? None when every pair may."""
+    bounds = key_range(case, device)
+    if bounds is None:
+        return None
+    j = torch.arange(case.seqlen_k, device=device)
+    return (j >= bounds[0].unsqueeze(1)) & (j <= bounds[1].unsqueeze(1))
+
+
+def fully_masked_rows(case: Case, device=None) -> torch.Tensor | None:
+    """(seqlen_q,) bool: queries that may attend to no key at all; None when there are none."""
+    bounds = key_range(case, device)
+    if bounds is None:
+        return None
+    rows = bounds[0] > bounds[1]
+    return rows if bool(rows.any()) else None
+
+
+def alibi_bias(case: Case, device=None, dtype=torch.float64) -> torch.Tensor:
+    """(nheads, seqlen_q, seqlen_k): -slope_h * |i + seqlen_k - seqlen_q - j|, as flash-attn defines it."""
+    i = torch.arange(case.seqlen_q, device=device).unsqueeze(1)
+    j = torch.arange(case.seqlen_k, device=device).unsqueeze(0)
+    dist = (i + case.seqlen_k - case.seqlen_q - j).abs().to(dtype)
+    return -alibi_slopes(case.nheads).to(device=device, dtype=dtype).view(-1, 1, 1) * dist
+
+
+# Equally valid orders of evaluation of the same formula. The float64 reference uses the first; the
+# tolerance (tolerance.py) is calibrated by the worst of all of them computed in the case's dtype.
+ORDERS = ("scale_q", "scale_k", "scale_scores", "scale_sqrt", "split_sums")
+
+
+def _scores(q, k, scale, order):
+    """(batch, heads, seqlen_q, seqlen_k) scaled scores, the scale applied where ``order`` says."""
+    def qk(a, b):
+        return torch.einsum("bqhd,bkhd->bhqk", a, b)
+
+    if order == "scale_q":  # flash-attn's reference
+        return qk(q * scale, k)
+    if order == "scale_k":  # flash-attn's reference with reorder_ops
+        return qk(q, k * scale)
+    if order == "scale_sqrt":  # SDPA's math backend
+        return qk(q * scale**0.5, k * scale**0.5)
+    if order == "split_sums" and q.shape[-1] > 1:  # another summation order over the head dim
+        half = q.shape[-1] // 2
+        return (qk(q[..., :half], k[..., :half]) + qk(q[..., half:], k[..., half:])) * scale
+    return qk(q, k) * scale  # "scale_scores": the lab notes' textbook order
+
+
+def _weighted_sum(probs, v, order):
+    def pv(p, x):
+        return torch.einsum("bhqk,bkhd->bqhd", p, x)
+
+    if order == "split_sums" and v.shape[1] > 1:  # another summation order over the keys
+        half = v.shape[1] // 2
+        return pv(probs[..., :half], v[:, :half]) + pv(probs[..., half:], v[:, half:])
+    return pv(probs, v)
+
+
+def _probabilities(q, k, case: Case, order: str):
+    """Attention weights (batch, heads, seqlen_q, seqlen_k) for expanded k, zero on rows that may attend
+    to no key; also tanh(scores / softcap) for the softcap's derivative (None without softcap)."""
+    scores = _scores(q, k, case.scale, order)
+    capped = None
+    if case.softcap:
+        capped = torch.tanh(scores / case.softcap)
+        scores = case.softcap * capped
+    if case.alibi:
+        scores = scores + alibi_bias(case, q.device, q.dtype)
+    ok = allowed(case, q.device)
+    if ok is not None:
+        scores = scores.masked_fill(~ok, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    empty = fully_masked_rows(case, q.device)
+    if empty is not None:
+        probs = probs.masked_fill(empty.view(-1, 1), 0.0)
+    return probs, capped
+
+
+def _expand(k, v, case: Case):
+    """GQA/MQA: query head h reads key/value head h // (nheads / nheads_k)."""
+    group = case.nheads // case.nheads_k
+    return k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+
+
+def _fill_masked_rows(out, v, case: Case, masked_rows: str):
+    empty = fully_masked_rows(case, out.device)
+    if empty is None or masked_rows == "zeros":
+        return out
+    fill = v.mean(dim=1, keepdim=True).expand_as(out) if masked_rows == "mean_v" else torch.full_like(
+        out, float("nan"))
+    return torch.where(empty.view(1, -1, 1, 1), fill, out)
+
+
+def attention(q, k, v, case: Case, *, upcast: bool = True, masked_rows: str = "zeros",
+              order: str = "scale_q") -> torch.Tensor:
+    """Attention over (batch, seqlen, heads, head_dim) inputs; returns (batch, seqlen_q, nheads, head_dim).
+
+    masked_rows says what a query that may attend to no key returns: "zeros" (flash-attn), "mean_v"
+    (a finite fill such as masked_fill(-1e9) makes the row uniform) or "nan" (softmax of all -inf).
+    """
+    if masked_rows not in MASKED_ROW_CONVENTIONS:
+        raise ValueError(f"masked_rows must be one of {MASKED_ROW_CONVENTIONS}")
+    dtype = torch.float64 if upcast else q.dtype
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    k, v = _expand(k, v, case)
+    probs, _ = _probabilities(q, k, case, order)
+    return _fill_masked_rows(_weighted_sum(probs, v, order), v, case, masked_rows)
+
+
+def flash_backward(q, k, v, dout, case: Case, *, masked_rows: str = "zeros", order: str = "scale_q"):
+    """dq, dk, dv in the inputs' dtype by FlashAttention's backward formulas: dS = P * (dP - D) with
+    D = rowsum(dO * O) taken from the output, where autograd's softmax backward uses rowsum(P * dP).
+    The two are equal in exact arithmetic and round differently: both are valid evaluation orders."""
+    b, sq, h, d = q.shape
+    kx, vx = _expand(k, v, case)
+    probs, capped = _probabilities(q, kx, case, order)
+    out = _fill_masked_rows(_weighted_sum(probs, vx, order), vx, case, masked_rows)
+    delta = (dout * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # (b, h, sq, 1)
+    dp = torch.einsum("bqhd,bkhd->bhqk", dout, vx)
+    ds = probs * (dp - delta)
+    if capped is not None:
+        ds = ds * (1 - capped * capped)
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kx) * case.scale
+    dkx = torch.einsum("bhqk,bqhd->bkhd", ds, q) * case.scale
+    dvx = torch.einsum("bhqk,bqhd->bkhd", probs, dout)
+    empty = fully_masked_rows(case, q.device)
+    if empty is not None and masked_rows == "mean_v":  # those rows are mean(V): each key gets dO / seqlen_k
+        dvx = dvx + dout[:, empty].sum(dim=1, keepdim=True) / case.seqlen_k
+    group = case.nheads // case.nheads_k
+    dk, dv = (t.reshape(b, case.seqlen_k, case.nheads_k, group, d).sum(3) for t in (dkx, dvx))
+    return dq, dk, dv

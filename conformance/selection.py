@@ -1,0 +1,108 @@
+"""What one run tests: the device, the tier, the backends, the checks and (optionally) exact cases.
+
+Built from command-line options; every invalid value is a ``SelectionError`` naming what is wrong,
+which the plugin turns into pytest's usage error.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+import torch
+
+from conformance import registry, tiers
+from conformance.backend import Backend
+from conformance.case import Case
+from conformance.checks import CHECKS
+
+
+class SelectionError(Exception):
+    pass
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _split(values: list[str]) -> list[str]:
+    """Repeatable options that also accept comma-separated lists."""
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+@dataclass
+class Selection:
+    device: str
+    tier: str
+    backend_specs: list[str]  # empty: every backend available here
+    checks: list[str]
+    case_ids: list[str] = field(default_factory=list)
+    _backends: list[Backend] | None = None
+
+    @classmethod
+    def from_options(cls, backend: list[str], device: str | None, tier: str, check: list[str],
+                     case: list[str]) -> Selection:
+        device = device or default_device()
+        if device == "cuda" and not torch.cuda.is_available():
+            raise SelectionError(f"--device cuda, but torch {torch.__version__} sees no CUDA device")
+        if tier not in tiers.TIERS:
+            raise SelectionError(f"unknown tier {tier!r}; choose one of {', '.join(tiers.TIERS)}")
+        checks = _split(check) or list(CHECKS)
+        unknown = [c for c in checks if c not in CHECKS]
+        if unknown:
+            raise SelectionError(f"unknown check(s) {', '.join(unknown)}; known checks: {', '.join(CHECKS)}")
+        case_ids = _split(case)
+        for case_id in case_ids:
+            try:
+                Case.from_id(case_id)
+            except ValueError as exc:
+                raise SelectionError(f"--case: {exc}") from None
+        selection = cls(device, tier, _split(backend), checks, case_ids)
+        if selection.backend_specs:
+            selection.backends()  # resolve now, so a bad name is a usage error before collection
+        return selection
+
+    def backends(self) -> list[Backend]:
+        """The backends to test. Named ones must load and be usable here; by default every backend
+        that is available on this machine and declares this device."""
+        if self._backends is None:
+            if self.backend_specs:
+                self._backends = []
+                for spec in self.backend_specs:
+                    try:
+                        backend = registry.load(spec)
+                    except registry.BackendNotFound as exc:
+                        raise SelectionError(str(exc)) from None
+                    reasons = backend.unavailable_reasons()
+                    if reasons:
+                        raise SelectionError(f"backend {spec!r} is unavailable here: {'; '.join(reasons)}")
+                    self._backends.append(backend)
+            else:
+                self._backends = [b for b, reasons in availability() if not reasons
+                                  and self.device in b.capabilities.devices]
+        return self._backends
+
+    def cases(self, check: str) -> list[Case]:
+        if self.case_ids:
+            return [Case.from_id(case_id) for case_id in self.case_ids]
+        return CHECKS[check].cases(self.tier)
+
+    def rerun_command(self, check: str, backend: Backend, case: Case) -> str:
+        """One line that reruns exactly this check, backend and case, from any directory."""
+        return ("pytest --pyargs conformance.suite " + " ".join(
+            shlex.quote(f"--{k}={v}") for k, v in
+            (("backend", backend.name), ("device", self.device), ("check", check), ("case", case.id))))
+
+
+def availability() -> list[tuple[Backend | str, list[str]]]:
+    """Every known backend and why it cannot run here (empty when it can). A backend whose module or
+    entry point fails to load appears by name, with the error as its reason."""
+    rows: list[tuple[Backend | str, list[str]]] = []
+    for name in registry.known_names():
+        try:
+            backend = registry.load(name)
+        except Exception as exc:  # noqa: BLE001 - a broken third-party backend must not end the listing
+            rows.append((name, [f"failed to load: {type(exc).__name__}: {exc}"]))
+            continue
+        rows.append((backend, backend.unavailable_reasons()))
+    return rows

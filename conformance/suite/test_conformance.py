@@ -1,0 +1,23 @@
+"""One test per check; the plugin parametrizes each over the selected backends and the check's cases."""
+
+import pytest
+
+
+@pytest.mark.attention_check("forward")
+def test_forward(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)
+
+
+@pytest.mark.attention_check("gradients")
+def test_gradients(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)
+
+
+@pytest.mark.attention_check("causal")
+def test_causal(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)
+
+
+@pytest.mark.attention_check("sanity")
+def test_sanity(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)

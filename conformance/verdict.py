@@ -1,0 +1,51 @@
+"""The outcome of one check on one backend and case: what failed and the numbers behind it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from conformance.case import Case
+from conformance.tolerance import Comparison
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One failed property, e.g. ("forward", "out: max abs error ... EXCEEDS bound ...")."""
+
+    property: str
+    message: str
+
+
+@dataclass
+class Verdict:
+    check: str
+    backend: str
+    case: Case
+    device: str
+    findings: list[Finding] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.findings
+
+    def fail(self, prop: str, message: str) -> None:
+        self.findings.append(Finding(prop, message))
+
+    def add(self, prop: str, comparison: Comparison) -> None:
+        """Record a tolerance comparison; a failing one is also a finding of ``prop``."""
+        self.comparisons.append(comparison)
+        if not comparison.passed:
+            self.fail(prop, comparison.describe())
+
+    @property
+    def failed_properties(self) -> set[str]:
+        return {f.property for f in self.findings}
+
+    def message(self) -> str:
+        head = f"{self.check} check failed for backend {self.backend!r} on case {self.case.id} ({self.device})"
+        return "\n".join([head, *(f"  [{f.property}] {f.message}" for f in self.findings)])
+
+    def as_dict(self) -> dict:
+        return {"findings": [{"property": f.property, "message": f.message} for f in self.findings],
+                "comparisons": [c.as_dict() for c in self.comparisons]}
