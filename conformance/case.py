@@ -40,7 +40,7 @@ class Case:
     seqlen_q: int = 128
     seqlen_k: int = 128
     nheads: int = 4
-    nheads_k: int = 4
+    nheads_k: int | None = None  # None: same as nheads
     head_dim: int = 64
     dtype: str = "fp32"
     causal: str | None = None
@@ -53,6 +53,8 @@ class Case:
     seed: int = 0
 
     def __post_init__(self):
+        if self.nheads_k is None:
+            object.__setattr__(self, "nheads_k", self.nheads)
         problems = []
         if min(self.batch, self.seqlen_q, self.seqlen_k, self.nheads, self.nheads_k, self.head_dim) < 1:
             problems.append("batch, seqlens, heads and head_dim must be >= 1")
@@ -140,7 +142,6 @@ class Case:
                     fields[ints[prefix]] = int(token[len(prefix):])
             except (KeyError, ValueError):
                 raise ValueError(f"cannot read token {token!r} of case id {case_id!r}") from None
-        fields.setdefault("nheads_k", fields.get("nheads", cls.nheads))
         return cls(**fields)
 
     def seeded(self) -> Case:

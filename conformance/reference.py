@@ -99,9 +99,9 @@ def _weighted_sum(probs, v, order):
     return pv(probs, v)
 
 
-def _probabilities(q, k, case: Case, order: str):
-    """Attention weights (batch, heads, seqlen_q, seqlen_k) for expanded k, zero on rows that may attend
-    to no key; also tanh(scores / softcap) for the softcap's derivative (None without softcap)."""
+def _masked_scores(q, k, case: Case, order: str):
+    """Scores (batch, heads, seqlen_q, seqlen_k) for expanded k, -inf where masked; also
+    tanh(scores / softcap) for the softcap's derivative (None without softcap)."""
     scores = _scores(q, k, case.scale, order)
     capped = None
     if case.softcap:
@@ -112,11 +112,12 @@ def _probabilities(q, k, case: Case, order: str):
     ok = allowed(case, q.device)
     if ok is not None:
         scores = scores.masked_fill(~ok, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    empty = fully_masked_rows(case, q.device)
-    if empty is not None:
-        probs = probs.masked_fill(empty.view(-1, 1), 0.0)
-    return probs, capped
+    return scores, capped
+
+
+def _zero_masked_rows(probs, case: Case):
+    empty = fully_masked_rows(case, probs.device)
+    return probs if empty is None else probs.masked_fill(empty.view(-1, 1), 0.0)
 
 
 def _expand(k, v, case: Case):
@@ -146,17 +147,20 @@ def attention(q, k, v, case: Case, *, upcast: bool = True, masked_rows: str = "z
     dtype = torch.float64 if upcast else q.dtype
     q, k, v = (t.to(dtype) for t in (q, k, v))
     k, v = _expand(k, v, case)
-    probs, _ = _probabilities(q, k, case, order)
+    scores, _ = _masked_scores(q, k, case, order)
+    probs = _zero_masked_rows(torch.softmax(scores, dim=-1), case)
     return _fill_masked_rows(_weighted_sum(probs, v, order), v, case, masked_rows)
 
 
 def flash_backward(q, k, v, dout, case: Case, *, masked_rows: str = "zeros", order: str = "scale_q"):
-    """dq, dk, dv in the inputs' dtype by FlashAttention's backward formulas: dS = P * (dP - D) with
-    D = rowsum(dO * O) taken from the output, where autograd's softmax backward uses rowsum(P * dP).
-    The two are equal in exact arithmetic and round differently: both are valid evaluation orders."""
+    """dq, dk, dv in the inputs' dtype by FlashAttention's backward formulas: P recomputed as
+    exp(S - LSE) from the row's log-sum-exp, and dS = P * (dP - D) with D = rowsum(dO * O) taken from
+    the output, where autograd uses softmax(S) and rowsum(P * dP). Equal in exact arithmetic, they
+    round differently (exp(S - LSE) loses ulp(LSE) when logits are large): both are valid orders."""
     b, sq, h, d = q.shape
     kx, vx = _expand(k, v, case)
-    probs, capped = _probabilities(q, kx, case, order)
+    scores, capped = _masked_scores(q, kx, case, order)
+    probs = _zero_masked_rows(torch.exp(scores - torch.logsumexp(scores, dim=-1, keepdim=True)), case)
     out = _fill_masked_rows(_weighted_sum(probs, vx, order), vx, case, masked_rows)
     delta = (dout * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # (b, h, sq, 1)
     dp = torch.einsum("bqhd,bkhd->bhqk", dout, vx)

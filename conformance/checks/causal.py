@@ -75,6 +75,6 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
         changed = (~same).flatten(2).any(-1).any(0).nonzero().flatten()
         first = int(torch.nonzero(rows).flatten()[int(changed[0])])
         verdict.fail("future-independence",
-                     f"changing keys/values at positions >= {p} (the future of {int(rows.sum())} queries) changed "
-                     f"the output of {changed.numel()} of them, first query {first}")
+                     f"keys/values at positions >= {p} are in the future of {int(rows.sum())} query rows; changing "
+                     f"them changed the output of {changed.numel()} of those rows, first row {first}")
     return verdict

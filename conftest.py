@@ -1,0 +1,3 @@
+"""Repository-level pytest configuration: the self-tests (tests/) drive the plugin with pytester."""
+
+pytest_plugins = ["pytester"]

@@ -1,0 +1,187 @@
+"""Deliberately broken backends, each with one planted bug, and the check (and property) meant to catch it.
+
+They are test-only: nothing in the package knows about them. Each wraps a correct backend and changes
+one thing, the way real kernels go wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from conformance.backend import Backend
+from conformance.backends import naive, tiled
+
+
+@dataclass(frozen=True)
+class Mutant:
+    backend: Backend
+    check: str  # the check meant to catch it
+    prop: str  # the property of that check's verdict that must fail
+
+
+def _naive_caps(**changes):
+    return dataclasses.replace(naive.BACKEND.capabilities, **changes)
+
+
+def _tiled_caps(**changes):
+    return dataclasses.replace(tiled.BACKEND.capabilities, **changes)
+
+
+def _textbook(q, k, v, scale, causal, alignment, *, leak=0, fill=-1e9, max_subtract=True):
+    """Attention in (batch, seqlen, heads, dim) with the knobs the mutants below turn."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if causal:
+        sq, sk = scores.shape[-2:]
+        offset = sk - sq if alignment == "bottom_right" else 0
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(offset + leak)
+        if fill != -math.inf:
+            fill = max(fill, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~mask, fill)
+    if max_subtract:
+        weights = torch.softmax(scores, dim=-1)
+    else:
+        e = torch.exp(scores.float())
+        weights = (e / e.sum(dim=-1, keepdim=True)).to(scores.dtype)
+    return torch.matmul(weights, v).transpose(1, 2)
+
+
+def _scale(q, softmax_scale):
+    return softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+
+
+def wrong_scale(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    scale = softmax_scale if softmax_scale is not None else 1.0 / q.shape[-1]  # 1/d instead of 1/sqrt(d)
+    return naive.attention(q, k, v, softmax_scale=scale, causal=causal, causal_alignment=causal_alignment)
+
+
+def scale_ignored(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    return naive.attention(q, k, v, causal=causal, causal_alignment=causal_alignment)
+
+
+def causal_leak(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    return _textbook(q, k, v, _scale(q, softmax_scale), causal, causal_alignment, leak=1)
+
+
+def alignment_confused(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+    """Declares flash-attn's bottom-right alignment, implements SDPA's top-left."""
+    return naive.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, causal_alignment="top_left")
+
+
+def dropped_tail_block(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """A tiled loop whose bound forgets the last, partial key block."""
+    full = (k.shape[1] // 64) * 64 or k.shape[1]
+    return tiled.attention(q, k[:, :full], v[:, :full], softmax_scale=softmax_scale, causal=causal,
+                           causal_alignment=causal_alignment)
+
+
+def wrong_gqa_mapping(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Query head h reads key/value head h % nheads_k instead of h // (nheads / nheads_k)."""
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat(1, 1, group, 1), v.repeat(1, 1, group, 1)
+    return naive.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, causal_alignment=causal_alignment)
+
+
+def no_max_subtraction(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    return _textbook(q, k, v, _scale(q, softmax_scale), causal, causal_alignment, max_subtract=False)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient, as a backward kernel off by a factor would."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def gradient_off(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """dk is 0.5% too large; the forward is exact."""
+    return naive.attention(q, _ScaleGradient.apply(k, 1.005), v, softmax_scale=softmax_scale, causal=causal,
+                           causal_alignment=causal_alignment)
+
+
+def batch_mixed(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Batch item b attends to the keys and values of item b-1."""
+    return naive.attention(q, k.roll(1, dims=0), v.roll(1, dims=0), softmax_scale=softmax_scale, causal=causal,
+                           causal_alignment=causal_alignment)
+
+
+def stride_bug(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Reads each input's storage as if it were contiguous: right only for contiguous inputs."""
+    def as_contiguous(t):
+        stride = torch.empty(t.shape, device="meta").stride()
+        return torch.as_strided(t, t.shape, stride, t.storage_offset())
+    return naive.attention(*(as_contiguous(t) for t in (q, k, v)), softmax_scale=softmax_scale, causal=causal,
+                           causal_alignment=causal_alignment)
+
+
+def nan_masked_rows(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Declares zeros for fully masked rows (flash-attn's convention) but returns softmax(-inf...) = NaN."""
+    return _textbook(q, k, v, _scale(q, softmax_scale), causal, causal_alignment, fill=-math.inf)
+
+
+def nondeterministic(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Picks its key block size per call (as a kernel choosing among split counts would): same math,
+    different rounding."""
+    return tiled.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, causal_alignment=causal_alignment,
+                           block_k=random.choice((16, 32, 64)))
+
+
+def modifies_input(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Pre-scales q in place to save a multiplication."""
+    with torch.no_grad():
+        q.mul_(_scale(q, softmax_scale))
+    return naive.attention(q, k, v, softmax_scale=1.0, causal=causal, causal_alignment=causal_alignment)
+
+
+_cache: dict = {}
+
+
+def stale_cache(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Caches its result by shape and arguments, not by the data."""
+    key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, softmax_scale, causal, causal_alignment)
+    if key not in _cache:
+        _cache[key] = naive.attention(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                      causal_alignment=causal_alignment)
+    return _cache[key]
+
+
+def float32_output(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Returns float32 whatever the input dtype."""
+    return naive.attention(q.float(), k.float(), v.float(), softmax_scale=softmax_scale, causal=causal,
+                           causal_alignment=causal_alignment)
+
+
+def _mutant(fn, check, prop, caps):
+    return Mutant(Backend(name=fn.__name__.replace("_", "-"), fn=fn, capabilities=caps), check, prop)
+
+
+MUTANTS = [
+    _mutant(wrong_scale, "forward", "forward", _naive_caps()),
+    _mutant(scale_ignored, "forward", "forward", _naive_caps()),
+    _mutant(causal_leak, "causal", "future-independence", _naive_caps()),
+    _mutant(alignment_confused, "causal", "causal-reference", _naive_caps(causal=("bottom_right",))),
+    _mutant(dropped_tail_block, "forward", "forward", _tiled_caps()),
+    _mutant(wrong_gqa_mapping, "forward", "forward", _naive_caps()),
+    _mutant(no_max_subtraction, "forward", "forward", _naive_caps()),
+    _mutant(gradient_off, "gradients", "dk", _naive_caps()),
+    _mutant(batch_mixed, "forward", "forward", _naive_caps()),
+    _mutant(stride_bug, "forward", "forward", _naive_caps()),
+    _mutant(nan_masked_rows, "causal", "causal-reference", _naive_caps(masked_rows="zeros")),
+    _mutant(nondeterministic, "sanity", "deterministic", _tiled_caps()),
+    _mutant(modifies_input, "sanity", "inputs-unmodified", _naive_caps()),
+    _mutant(stale_cache, "sanity", "fresh-output", _naive_caps()),
+    _mutant(float32_output, "forward", "contract", _naive_caps()),
+]

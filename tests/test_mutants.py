@@ -1,0 +1,36 @@
+"""Every check has power: each mutant is caught by the check meant for it, on that check's quick grid,
+while the correct backends pass every check there."""
+
+import pytest
+
+from conformance.backends import naive, sdpa_math, tiled
+from conformance.checks import CHECKS, execute
+from mutants import MUTANTS
+
+
+def verdicts(backend, check, tier="quick"):
+    module = CHECKS[check]
+    for case in module.cases(tier):
+        if not backend.capabilities.not_supported_reasons(case, "cpu", module.NEEDS):
+            yield execute(check, backend, case, "cpu")
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.backend.name)
+def test_mutant_is_caught_by_its_check(mutant):
+    failed = set()
+    for verdict in verdicts(mutant.backend, mutant.check):
+        failed |= verdict.failed_properties
+    assert mutant.prop in failed, f"{mutant.backend.name} escaped the {mutant.check} check (failed: {failed or 'none'})"
+
+
+@pytest.mark.parametrize("mutant", [m for m in MUTANTS if m.prop != "contract"], ids=lambda m: m.backend.name)
+def test_mutant_is_subtle(mutant):
+    """A planted bug that broke every case would prove little about the grid; each passes some case."""
+    assert any(v.passed for check in CHECKS for v in verdicts(mutant.backend, check))
+
+
+@pytest.mark.parametrize("backend", [naive.BACKEND, sdpa_math.BACKEND, tiled.BACKEND], ids=lambda b: b.name)
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_correct_backends_pass(backend, check):
+    failures = [v.message() for v in verdicts(backend, check) if not v.passed]
+    assert not failures, "\n".join(failures)

@@ -1,0 +1,149 @@
+"""The pytest plugin end to end, through pytester: options, usage errors, skips, summary, journal, rerun."""
+
+import json
+import shlex
+import textwrap
+
+import pytest
+
+SUITE = ("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "--tier=quick")
+
+GOOD_KERNEL = '''
+import torch.nn.functional as F
+
+def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+    """my kernel: SDPA with the layout translated"""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if causal and q.shape[-2] != k.shape[-2]:
+        raise NotImplementedError("bottom-right causal")
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
+
+attention.conformance_capabilities = {"dtypes": ["fp32", "fp64"], "equal_seqlens": True, "backward": False}
+'''
+
+LEAKY_KERNEL = '''
+import torch
+
+def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+    """causal mask one token too wide"""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ k.transpose(-1, -2) * (softmax_scale or q.shape[-1] ** -0.5)
+    if causal:
+        sq, sk = s.shape[-2:]
+        s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq + 1), float("-inf"))
+    return (torch.softmax(s, -1).nan_to_num(0.0) @ v).transpose(1, 2)
+'''
+
+
+def journal(pytester):
+    lines = (pytester.path / "conformance-results.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_builtin_backend_run_prints_table_and_writes_journal(pytester):
+    result = pytester.runpytest(*SUITE, "--backend=naive", "--check=forward,sanity")
+    result.assert_outcomes(passed=22)
+    result.stdout.fnmatch_lines(["*attention-conformance: device cpu, tier quick, backends: naive*",
+                                 "*attention conformance*", "*backend*forward*sanity*verdict*",
+                                 "naive*18/0/0*4/0/0*pass*", "results journal: conformance-results.jsonl"])
+    records = journal(pytester)
+    assert records[0]["record"] == "run" and records[0]["device"] == "cpu" and "torch" in records[0]["versions"]
+    cases = records[1:]
+    assert len(cases) == 22 and {r["check"] for r in cases} == {"forward", "sanity"}
+    forward = next(r for r in cases if r["check"] == "forward")
+    assert forward["outcome"] == "passed" and forward["comparisons"][0]["error"] <= forward["comparisons"][0]["bound"]
+    assert set(forward) >= {"run_id", "nodeid", "backend", "case_id", "case", "device", "tier", "duration_s", "rerun"}
+
+
+def test_import_string_with_declaration_skips_with_reasons(pytester):
+    pytester.makepyfile(my_kernels=GOOD_KERNEL)
+    result = pytester.runpytest(*SUITE, "--backend=my_kernels.py:attention")
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] > 0 and outcomes["skipped"] > 0 and "failed" not in outcomes
+    result.stdout.fnmatch_lines(["main skip reasons for my_kernels.py:attention:",
+                                 "*dtype * not supported (declared: fp32, fp64)*"])
+    skipped = [r for r in journal(pytester)[1:] if r["outcome"] == "skipped"]
+    assert all(r["reasons"] for r in skipped)
+    assert any(r["reasons"] == ["backward not supported"] for r in skipped if r["check"] == "gradients")
+
+
+def test_failure_prints_findings_and_a_rerun_line_that_reruns_only_it(pytester):
+    pytester.makepyfile(leaky=LEAKY_KERNEL)
+    result = pytester.runpytest(*SUITE, "--backend=leaky.py:attention", "--check=causal")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*causal check failed for backend 'leaky.py:attention' on case *",
+                                 "*future-independence] keys/values at positions * are in the future of*",
+                                 "*rerun: pytest --pyargs conformance.suite*"])
+    rerun = next(line for line in result.stdout.lines if "rerun: pytest" in line).split("rerun: pytest ", 1)[1]
+    again = pytester.runpytest("-p", "no:cacheprovider", *shlex.split(rerun))
+    again.assert_outcomes(failed=1)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nonesuch", "*unknown backend 'nonesuch'. Known backends: naive, sdpa-math, tiled*"),
+    ("missing.py:fn", "*cannot import 'missing.py:fn': no file missing.py*"),
+    ("no.such.module:fn", "*cannot import 'no.such.module:fn': ModuleNotFoundError*"),
+    ("conformance.tiers:TIERS", "*'conformance.tiers:TIERS' is a tuple, not a callable*"),
+    ("conformance.tiers:nothing", "*module 'conformance.tiers' has no attribute 'nothing'*"),
+])
+def test_bad_backend_is_a_usage_error(pytester, spec, message):
+    result = pytester.runpytest(*SUITE, f"--backend={spec}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_bad_declaration_is_a_usage_error(pytester):
+    pytester.makepyfile(kern="def f(q, k, v, **kw):\n    return q\nf.conformance_capabilities = {'dtype': 'fp16'}\n")
+    result = pytester.runpytest(*SUITE, "--backend=kern.py:f")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*invalid conformance_capabilities: unknown capability keys ?'dtype'?; known keys: devices, dtypes*"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--check=speed",), "*unknown check(s) speed; known checks: forward, gradients, causal, sanity*"),
+    (("--case=b2_q17_zz3",), "*--case: cannot read token 'zz3' of case id 'b2_q17_zz3'*"),
+    (("--case=b2_q17_k17_h3_kv2_d8_fp32_seed1",), "*invalid case: nheads 3 is not a multiple of nheads_k 2*"),
+])
+def test_bad_options_are_usage_errors(pytester, args, message):
+    result = pytester.runpytest(*SUITE, "--backend=naive", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_list_backends(pytester):
+    result = pytester.runpytest("--list-backends")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["naive *available", "*devices cpu,cuda; dtypes bf16,fp16,fp32,fp64*memory quadratic*",
+                                 "sdpa-math *available", "tiled *available", "*memory linear*"])
+
+
+def test_entry_point_backend(pytester):
+    """A third-party package registers a backend through the entry-point group, with no other code."""
+    pytester.makepyfile(thirdparty_attn=textwrap.dedent('''
+        from conformance import Backend, Capabilities
+        from conformance.backends.sdpa_math import attention
+        BACKEND = Backend("thirdparty", attention, Capabilities(causal=("top_left",), dtypes={"fp32"}))
+    '''))
+    dist = pytester.mkdir("thirdparty_attn-1.0.dist-info")
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-attn\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[attention_conformance.backends]\nthirdparty = thirdparty_attn:BACKEND\n")
+    pytester.syspathinsert()
+    listing = pytester.runpytest("--list-backends")
+    listing.stdout.fnmatch_lines(["thirdparty *available"])
+    result = pytester.runpytest(*SUITE, "--backend=thirdparty", "--check=causal")
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] > 0 and "failed" not in outcomes
+    result.stdout.fnmatch_lines(["*causal alignment bottom_right not supported (declared: top_left)*"])
+
+
+def test_plugin_stays_out_of_unrelated_runs(pytester):
+    """Installed plugins load in every pytest run: one without conformance tests writes nothing."""
+    pytester.makepyfile(test_other="def test_x():\n    assert True\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert not (pytester.path / "conformance-results.jsonl").exists()
+    assert "attention conformance" not in result.stdout.str().split("short test summary")[0].split("passed")[-1]
