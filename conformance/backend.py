@@ -27,6 +27,34 @@ class ContractError(Exception):
     """The backend returned something that is not attention's output for these inputs."""
 
 
+class OutOfMemory(Exception):
+    """The case needed more memory than the device had: a result of its own ("oom"), not a failure."""
+
+
+class DeviceFault(Exception):
+    """A device error that poisons the process's CUDA context (illegal memory access, device-side
+    assert, launch failure): every later call in this process would fail, so the case is "crashed"
+    and the process that ran it is replaced."""
+
+
+_DEVICE_FAULT_MARKERS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                         "misaligned address", "an illegal instruction", "CUDA error: unknown error",
+                         "cudaErrorLaunchFailure", "CUBLAS_STATUS_EXECUTION_FAILED")
+
+
+def classify(exc: BaseException) -> type[Exception] | None:
+    """OutOfMemory or DeviceFault for errors that are one of those, else None."""
+    import torch
+
+    text = str(exc)
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower() \
+            or "can't allocate memory" in text:
+        return OutOfMemory
+    if any(marker in text for marker in _DEVICE_FAULT_MARKERS):
+        return DeviceFault
+    return None
+
+
 def always_available() -> list[str]:
     return []
 
@@ -74,6 +102,9 @@ def call(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     problems = []
     if tuple(out.shape) != tuple(q.shape):
         problems.append(f"shape {tuple(out.shape)} instead of q's {tuple(q.shape)}")
+        if tuple(out.shape) == (q.shape[0], q.shape[2], q.shape[1], q.shape[3]):
+            problems.append("which is (batch, heads, seqlen, head_dim): the convention is (batch, seqlen, heads, "
+                            "head_dim), so transpose(1, 2) the output (and check the inputs' layout)")
     if out.dtype != q.dtype:
         problems.append(f"dtype {out.dtype} instead of q's {q.dtype}")
     if out.device != q.device:

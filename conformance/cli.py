@@ -2,6 +2,8 @@
 
     attn-conformance run [pytest options]   the conformance suite (= pytest --pyargs conformance.suite ...)
     attn-conformance list-backends          every known backend, available here or why not
+    attn-conformance summary [JOURNAL]      the verdict table rebuilt from a results journal alone
+                                            (default conformance-results.jsonl)
 """
 
 from __future__ import annotations
@@ -23,8 +25,24 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join(backend_listing()))
         return 0
+    if command == "summary":
+        return _summary(argv[0] if argv else "conformance-results.jsonl")
     print(USAGE, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)
     return 0 if command in ("-h", "--help") else 2
+
+
+def _summary(path: str) -> int:
+    from conformance import results, summary
+
+    try:
+        header, records = results.read(path)
+    except results.ResultsFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"run {header.get('run_id')} started {header.get('started')}: device {header.get('device')}, "
+          f"tier {header.get('tier')}, {len(records)} cases recorded")
+    print("\n".join(summary.table(records)))
+    return 1 if any(r["outcome"] in ("failed", "crashed", "timed out") for r in records) else 0
 
 
 if __name__ == "__main__":

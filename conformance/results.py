@@ -47,31 +47,61 @@ class Journal:
         self._file.close()
 
 
-def read(path: str | os.PathLike) -> tuple[dict | None, list[dict]]:
-    """The run header and the case records of a journal; a torn last line (a killed run) is ignored."""
+def read(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """The run header and the case records of a journal. A torn last line (a run killed while writing
+    it) is dropped; anything else wrong is a ResultsFileError naming the file, the line and the fault."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ResultsFileError(f"cannot read results file {path}: {exc}") from None
     header, cases = None, []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
+        except json.JSONDecodeError as exc:
+            if number == len(lines) and number > 1:
                 break
-            raise ValueError(f"{path}: line {number} is not JSON") from None
-        if record.get("record") == "run":
+            raise ResultsFileError(f"results file {path}, line {number}: not JSON ({exc.msg})") from None
+        kind = record.get("record") if isinstance(record, dict) else None
+        if number == 1:
+            if kind != "run":
+                raise ResultsFileError(f"results file {path}: line 1 is not a run header; not a conformance journal")
+            if record.get("schema") != SCHEMA:
+                raise ResultsFileError(f"results file {path}: schema {record.get('schema')!r}, this version reads "
+                                       f"schema {SCHEMA}")
             header = record
-        elif record.get("record") == "case":
+        elif kind == "case" and {"backend", "check", "outcome"} <= set(record):
             cases.append(record)
+        else:
+            raise ResultsFileError(f"results file {path}, line {number}: not a case record")
+    if header is None:
+        raise ResultsFileError(f"results file {path} is empty")
     return header, cases
+
+
+class ResultsFileError(Exception):
+    """A results file that cannot be read, or that exists and is not ours to replace."""
 
 
 class Recorder:
     """The run's case records, in memory for the summary and in the journal (opened at the first
-    record, so a pytest run that holds no conformance test writes no file)."""
+    record, so a pytest run that holds no conformance test writes no file). An existing file is
+    replaced only if it is a journal: anything else at that path is refused, never overwritten."""
 
     def __init__(self, path: str | None, header: dict):
         self.path, self.header = path or None, header
+        if self.path and os.path.exists(self.path) and os.path.getsize(self.path):
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                first = f.readline()
+            try:
+                is_journal = json.loads(first).get("record") == "run"
+            except (json.JSONDecodeError, AttributeError):
+                is_journal = False
+            if not is_journal:
+                raise ResultsFileError(f"results file {self.path} exists and is not a conformance journal "
+                                       "(its first line is no run header); choose another --results-file or "
+                                       "move it away")
         self.records: list[dict] = []
         self._journal: Journal | None = None
 

@@ -47,10 +47,11 @@ class Selection:
             raise SelectionError(f"--device cuda, but torch {torch.__version__} sees no CUDA device")
         if tier not in tiers.TIERS:
             raise SelectionError(f"unknown tier {tier!r}; choose one of {', '.join(tiers.TIERS)}")
-        checks = _split(check) or list(CHECKS)
-        unknown = [c for c in checks if c not in CHECKS]
+        known = [*CHECKS, "fuzz"]
+        checks = _split(check) or known
+        unknown = [c for c in checks if c not in known]
         if unknown:
-            raise SelectionError(f"unknown check(s) {', '.join(unknown)}; known checks: {', '.join(CHECKS)}")
+            raise SelectionError(f"unknown check(s) {', '.join(unknown)}; known checks: {', '.join(known)}")
         case_ids = _split(case)
         for case_id in case_ids:
             try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 OUTCOMES = ("passed", "failed", "skipped")
+# Outcomes of their own, counted in pytest's terms in the cells and named in a column of their own.
+PROBLEMS = {"crashed": "failed", "timed out": "failed", "oom": "skipped", "not run": "skipped"}
 
 
 def table(records: list[dict]) -> list[str]:
@@ -16,23 +18,31 @@ def table(records: list[dict]) -> list[str]:
     checks = list(dict.fromkeys(r["check"] for r in records))
     counts: dict = defaultdict(Counter)
     reasons: dict = defaultdict(Counter)
+    problems: dict = defaultdict(Counter)
     for r in records:
-        counts[r["backend"], r["check"]][r["outcome"]] += 1
-        counts[r["backend"], "*"][r["outcome"]] += 1
-        if r["outcome"] == "skipped":
-            for reason in r.get("reasons") or [r.get("message", "")]:
+        outcome = PROBLEMS.get(r["outcome"], r["outcome"])
+        counts[r["backend"], r["check"]][outcome] += 1
+        counts[r["backend"], "*"][outcome] += 1
+        if r["outcome"] in PROBLEMS:
+            problems[r["backend"]][r["outcome"]] += 1
+        if outcome == "skipped":
+            for reason in r.get("reasons") or ["(no reason recorded)"]:
                 reasons[r["backend"]][reason] += 1
 
     def cell(c: Counter) -> str:
         return "/".join(str(c[o]) for o in OUTCOMES) if c else "-"
 
     def verdict(c: Counter) -> str:
-        if c["failed"] or sum(c.values()) > sum(c[o] for o in OUTCOMES):
+        if c["failed"]:
             return "FAIL"
         return "pass" if c["passed"] else "no case ran"
 
-    headers = ["backend", *checks, "verdict"]
-    rows = [[b, *(cell(counts[b, ch]) for ch in checks), verdict(counts[b, "*"])] for b in backends]
+    def problem(c: Counter) -> str:
+        return ", ".join(f"{n} {kind}" for kind, n in c.items()) or "-"
+
+    headers = ["backend", *checks, "verdict", "crashed/timed out/oom/not run"]
+    rows = [[b, *(cell(counts[b, ch]) for ch in checks), verdict(counts[b, "*"]), problem(problems[b])]
+            for b in backends]
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = ["cells: passed/failed/skipped", fmt.format(*headers), fmt.format(*("-" * w for w in widths))]

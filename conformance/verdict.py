@@ -49,3 +49,9 @@ class Verdict:
     def as_dict(self) -> dict:
         return {"findings": [{"property": f.property, "message": f.message} for f in self.findings],
                 "comparisons": [c.as_dict() for c in self.comparisons]}
+
+    @classmethod
+    def from_dict(cls, check: str, backend: str, case: Case, device: str, data: dict) -> Verdict:
+        """The inverse of ``as_dict`` (a verdict that crossed a process boundary)."""
+        return cls(check, backend, case, device, [Finding(**f) for f in data["findings"]],
+                   [Comparison(**c) for c in data["comparisons"]])

@@ -2,6 +2,7 @@
 
 import json
 import shlex
+import sys
 import textwrap
 
 import pytest
@@ -147,3 +148,63 @@ def test_plugin_stays_out_of_unrelated_runs(pytester):
     result.assert_outcomes(passed=1)
     assert not (pytester.path / "conformance-results.jsonl").exists()
     assert "attention conformance" not in result.stdout.str().split("short test summary")[0].split("passed")[-1]
+
+
+def test_wrong_layout_is_a_usage_error_with_the_fix(pytester):
+    pytester.makepyfile(bhsd="""
+import torch.nn.functional as F
+
+def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+""")
+    result = pytester.runpytest(*SUITE, "--backend=bhsd.py:attention", "--check=forward", "--case=b2_q17_k17_h4_d8_fp32_seed1")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stdout.fnmatch_lines(["*contract] backend 'bhsd.py:attention' returned shape (2, 4, 17, 8) instead of q's "
+                                 "(2, 17, 4, 8), which is (batch, heads, seqlen, head_dim)*transpose(1, 2)*",
+                                 "usage error: backend bhsd.py:attention does not follow the calling convention*"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--case-timeout=0",), "*--case-timeout: must be > 0, not 0*"),
+    (("--case-timeout=soon",), "*--case-timeout: 'soon' is not a valid float*"),
+    (("--crash-limit=-1",), "*--crash-limit: must be > 0, not -1*"),
+    (("--tier=huge",), "*--tier: invalid choice: 'huge'*"),
+    (("--fuzz=forever",), "*--fuzz: invalid choice: 'forever'*"),
+])
+def test_invalid_option_values_are_usage_errors(pytester, args, message):
+    result = pytester.runpytest(*SUITE, "--backend=naive", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_results_file_that_is_not_a_journal_is_never_overwritten(pytester):
+    notes = pytester.path / "notes.jsonl"
+    notes.write_text('{"my": "data"}\n')
+    result = pytester.runpytest(*SUITE, "--backend=naive", "--results-file=notes.jsonl")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*results file notes.jsonl exists and is not a conformance journal*"])
+    assert notes.read_text() == '{"my": "data"}\n'
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ('{"record": "case"}\n', "line 1 is not a run header"),
+    ('{"record": "run", "schema": 99}\n', "schema 99, this version reads schema 1"),
+    ('{"record": "run", "schema": 1}\nnot json\n{"record": "case"}\n', "line 2: not JSON"),
+    ('{"record": "run", "schema": 1}\n{"record": "case", "backend": "x"}\n', "line 2: not a case record"),
+])
+def test_corrupt_journal_is_named_with_what_is_wrong(pytester, content, message):
+    path = pytester.path / "bad.jsonl"
+    path.write_text(content)
+    result = pytester.run(sys.executable, "-m", "conformance", "summary", str(path))
+    assert result.ret == 2
+    result.stderr.fnmatch_lines([f"error: *bad.jsonl*{message}*"])
+
+
+def test_torn_last_line_of_a_killed_run_is_dropped(pytester):
+    path = pytester.path / "torn.jsonl"
+    path.write_text('{"record": "run", "schema": 1}\n'
+                    '{"record": "case", "backend": "b", "check": "forward", "outcome": "passed"}\n{"record": "ca')
+    result = pytester.run(sys.executable, "-m", "conformance", "summary", str(path))
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*1 cases recorded*", "b *1/0/0*pass*"])

@@ -1,11 +1,12 @@
 """The checks, by name. Each module holds NAME, NEEDS (backend features it requires beyond the case),
+CAUSAL_ONLY (whether its cases must be causal),
 ``cases(tier)`` (its grid) and ``run(backend, case, device) -> Verdict``."""
 
 from __future__ import annotations
 
 import traceback
 
-from conformance.backend import Backend, ContractError, Unsupported
+from conformance.backend import Backend, ContractError, Unsupported, classify
 from conformance.case import Case
 from conformance.checks import causal, forward, gradients, sanity
 from conformance.verdict import Verdict
@@ -15,7 +16,9 @@ CHECKS = {module.NAME: module for module in (forward, gradients, causal, sanity)
 
 def execute(check: str, backend: Backend, case: Case, device: str) -> Verdict:
     """Run one check. An exception from the backend is a failure of the check (the case is inside the
-    backend's declaration); ``Unsupported`` propagates, to become a skip with the library's reason."""
+    backend's declaration), except: ``Unsupported`` propagates, to become a skip with the library's
+    reason; out-of-memory and context-poisoning device errors propagate as ``OutOfMemory`` and
+    ``DeviceFault``, results of their own."""
     try:
         return CHECKS[check].run(backend, case, device)
     except Unsupported:
@@ -23,6 +26,9 @@ def execute(check: str, backend: Backend, case: Case, device: str) -> Verdict:
     except ContractError as exc:
         prop, message = "contract", str(exc)
     except Exception as exc:  # noqa: BLE001 - any error of a backend inside its declaration is a failure
+        kind = classify(exc)
+        if kind is not None:
+            raise kind(f"{type(exc).__name__}: {exc}") from exc
         where = traceback.extract_tb(exc.__traceback__)[-1]
         prop, message = "raised", f"{type(exc).__name__} at {where.filename}:{where.lineno}: {exc}"
     verdict = Verdict(check, backend.name, case, device)

@@ -16,6 +16,7 @@ from conformance.verdict import Verdict
 
 NAME = "causal"
 NEEDS: tuple[str, ...] = ()
+CAUSAL_ONLY = True  # whether its cases (and fuzzed ones) must be causal
 BASE = Case(batch=2, seqlen_q=128, seqlen_k=128, nheads=4, head_dim=64, dtype="fp32", causal="bottom_right")
 
 

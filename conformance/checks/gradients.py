@@ -16,6 +16,7 @@ from conformance.verdict import Verdict
 
 NAME = "gradients"
 NEEDS: tuple[str, ...] = ("backward",)
+CAUSAL_ONLY = False  # whether its cases (and fuzzed ones) must be causal
 BASE = Case(batch=2, seqlen_q=65, seqlen_k=65, nheads=4, head_dim=64, dtype="fp32")
 
 

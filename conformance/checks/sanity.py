@@ -22,6 +22,7 @@ from conformance.verdict import Verdict
 
 NAME = "sanity"
 NEEDS: tuple[str, ...] = ()
+CAUSAL_ONLY = False  # whether its cases (and fuzzed ones) must be causal
 BASE = Case(batch=2, seqlen_q=128, seqlen_k=128, nheads=4, head_dim=64, dtype="fp32")
 
 

@@ -1,0 +1,53 @@
+"""The fuzzer, told nothing but a backend's declaration and a check, finds every mutant and shrinks the
+failure to a small case whose id reruns it; correct backends survive it."""
+
+import pytest
+from hypothesis import HealthCheck, find, given, settings
+
+from conformance import fuzz
+from conformance.backends import tiled
+from conformance.case import Case
+from conformance.checks import CHECKS, execute
+from mutants import MUTANTS
+
+SEARCH = settings(max_examples=300, database=None, derandomize=True, deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow])
+
+
+def strategy(backend, check):
+    module = CHECKS[check]
+    return fuzz.cases(backend.capabilities, "cpu", module.NEEDS, module.CAUSAL_ONLY)
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.backend.name)
+def test_fuzzer_finds_each_mutant(mutant):
+    def caught(case):
+        return mutant.prop in execute(mutant.check, mutant.backend, case, "cpu").failed_properties
+
+    minimal = find(strategy(mutant.backend, mutant.check), caught, settings=SEARCH)
+    assert Case.from_id(minimal.id) == minimal and caught(minimal)
+    assert minimal.seqlen_q * minimal.seqlen_k <= 160 * 160
+
+
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_correct_backend_survives_fuzzing(check):
+    @settings(max_examples=25, derandomize=True, deadline=None, database=None)
+    @given(case=strategy(tiled.BACKEND, check))
+    def survives(case):
+        verdict = execute(check, tiled.BACKEND, case, "cpu")
+        assert verdict.passed, verdict.message()
+
+    survives()
+
+
+def test_fuzzed_cases_stay_inside_the_declaration():
+    caps = tiled.BACKEND.capabilities.updated({"dtypes": ["bf16"], "head_dims": [64, 128], "causal": ["top_left"],
+                                               "gqa": False, "mqa": False, "equal_seqlens": True})
+
+    @settings(max_examples=50, derandomize=True, database=None)
+    @given(case=fuzz.cases(caps, "cpu", ("backward",), causal_only=True))
+    def inside(case):
+        assert not caps.not_supported_reasons(case, "cpu", ("backward",))
+        assert case.dtype == "bf16" and case.head_dim in (64, 128) and case.causal == "top_left"
+
+    inside()

@@ -1,0 +1,104 @@
+"""Crashing, hanging and out-of-memory backends never end or corrupt a run; a killed run keeps its journal."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CRASHERS = (Path(__file__).parent / "crashers.py").read_text()
+# One case of each kind the crashers react to, plus plain ones.
+CASES = ",".join([
+    "b2_q17_k17_h4_d40_fp32_seed1",          # seqlen 17: segfault
+    "b2_q65_k65_h4_d59_fp32_seed2",          # head dim 59: abort
+    "b2_q65_k65_h8_kv2_d64_fp32_seed3",      # GQA: hang
+    "b2_q65_k65_h4_d64_fp32_packed_seed4",   # non-contiguous: CUDA-like error
+    "b1_q33_k33_h4_d64_fp32_seed5",          # batch 1: out of memory
+    "b2_q33_k65_h4_d64_fp32_seed6",          # plain
+])
+
+
+def run_crashers(pytester, *backends, extra=()):
+    pytester.makepyfile(crashers=CRASHERS)
+    specs = ",".join(f"crashers.py:{b}" if b != "naive" else b for b in backends)
+    result = pytester.runpytest("--pyargs", "conformance.suite", "-p", "no:cacheprovider", f"--backend={specs}",
+                                "--check=forward", f"--case={CASES}", "--case-timeout=4", *extra)
+    records = [json.loads(line) for line in (pytester.path / "conformance-results.jsonl").read_text().splitlines()]
+    return result, records[1:]
+
+
+def outcomes(records, backend):
+    return {r["case_id"]: (r["outcome"], " ".join(f["message"] for f in r.get("findings", [])) + " ".join(r.get("reasons", [])))
+            for r in records if r["backend"] == backend}
+
+
+def test_crashes_hangs_and_oom_are_results_and_the_run_goes_on(pytester):
+    result, records = run_crashers(pytester, "segfaults_at_17", "aborts_at_d59", "hangs_on_gqa",
+                                   "cuda_error_on_packed", "oom_on_batch1", "naive")
+    seg = outcomes(records, "crashers.py:segfaults_at_17")
+    assert seg["b2_q17_k17_h4_d40_fp32_seed1"][0] == "crashed" and "SIGSEGV" in seg["b2_q17_k17_h4_d40_fp32_seed1"][1]
+    assert "Segmentation fault" in seg["b2_q17_k17_h4_d40_fp32_seed1"][1]  # faulthandler's report, from the log
+    abort = outcomes(records, "crashers.py:aborts_at_d59")["b2_q65_k65_h4_d59_fp32_seed2"]
+    assert abort[0] == "crashed" and "SIGABRT" in abort[1]
+    hang = outcomes(records, "crashers.py:hangs_on_gqa")["b2_q65_k65_h8_kv2_d64_fp32_seed3"]
+    assert hang[0] == "timed out" and "no result within 4 s" in hang[1]
+    cuda = outcomes(records, "crashers.py:cuda_error_on_packed")["b2_q65_k65_h4_d64_fp32_packed_seed4"]
+    assert cuda[0] == "crashed" and "illegal memory access" in cuda[1]
+    oom = outcomes(records, "crashers.py:oom_on_batch1")["b1_q33_k33_h4_d64_fp32_seed5"]
+    assert oom[0] == "oom" and "Tried to allocate 20.00 GiB" in oom[1]
+    # every other case of every crasher, run in a fresh worker after the crash, passed; so did naive
+    assert sum(r["outcome"] == "passed" for r in records) == 6 * 6 - 5
+    assert set(o for o, _ in outcomes(records, "naive").values()) == {"passed"}
+    result.stdout.fnmatch_lines(["*crashers.py:segfaults_at_17*FAIL*1 crashed*", "*crashers.py:hangs_on_gqa*1 timed out*",
+                                 "*crashers.py:oom_on_batch1*pass*1 oom*", "naive *pass*"])
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_a_backend_that_keeps_crashing_is_given_up_on(pytester):
+    result, records = run_crashers(pytester, "always_segfaults", "naive", extra=("--crash-limit=2",))
+    seg = [o for o, _ in outcomes(records, "crashers.py:always_segfaults").values()]
+    assert seg == ["crashed", "crashed", "not run", "not run", "not run", "not run"]
+    assert set(o for o, _ in outcomes(records, "naive").values()) == {"passed"}
+    result.stdout.fnmatch_lines(["*4 x not run: crashers.py:always_segfaults crashed or timed out on 2 cases in a row*"])
+
+
+def test_device_assert_poisons_the_worker_which_is_replaced(pytester):
+    pytester.makepyfile(crashers=CRASHERS)
+    result = pytester.runpytest("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "--tier=quick",
+                                "--backend=crashers.py:device_assert_on_causal", "--check=causal,sanity", "--crash-limit=50")
+    records = [json.loads(line) for line in (pytester.path / "conformance-results.jsonl").read_text().splitlines()][1:]
+    crashed = [r for r in records if r["outcome"] == "crashed"]
+    assert crashed and all("device-side assert" in r["findings"][0]["message"] for r in crashed)
+    assert any(r["outcome"] == "passed" for r in records)  # the non-causal sanity cases, after the crashes
+
+
+def test_in_process_mode_still_reports_oom(pytester):
+    result, records = run_crashers(pytester, "oom_on_batch1", extra=("--isolation=none",))
+    assert outcomes(records, "crashers.py:oom_on_batch1")["b1_q33_k33_h4_d64_fp32_seed5"][0] == "oom"
+
+
+def test_killed_run_keeps_finished_cases_and_the_summary_rebuilds(pytester):
+    pytester.makepyfile(crashers=CRASHERS)
+    journal = pytester.path / "conformance-results.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "--pyargs", "conformance.suite", "-p", "no:cacheprovider",
+                             "--tier=quick", "--check=forward", "--backend=crashers.py:sleeps_then_works"],
+                            cwd=pytester.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the third forward case (seqlen 65) sleeps: kill the run inside it
+        if journal.exists() and len(journal.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line) for line in lines)
+    rebuilt = subprocess.run([sys.executable, "-m", "conformance", "summary", str(journal)], capture_output=True,
+                             text=True)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "3 cases recorded" in rebuilt.stdout and "crashers.py:sleeps_then_works  3/0/0" in rebuilt.stdout
