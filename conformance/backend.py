@@ -61,6 +61,9 @@ def always_available() -> list[str]:
 
 @dataclass(frozen=True)
 class Backend:
+    """``fn`` follows ``flash_attn_func``; ``varlen_fn`` (declared by ``varlen``) follows
+    ``flash_attn_varlen_func`` and ``kvcache_fn`` (declared by ``kvcache``) ``flash_attn_with_kvcache``."""
+
     name: str
     fn: Callable
     capabilities: Capabilities
@@ -68,6 +71,13 @@ class Backend:
     # Reasons the backend cannot run on this machine (missing package, no kernels for this GPU...);
     # empty when it can. Called lazily, so listing backends never imports a heavy package twice.
     unavailable_reasons: Callable[[], list[str]] = field(default=always_available, compare=False)
+    varlen_fn: Callable | None = None
+    kvcache_fn: Callable | None = None
+
+    def __post_init__(self):
+        for feature in ("varlen", "kvcache"):
+            if getattr(self.capabilities, feature) and getattr(self, f"{feature}_fn") is None:
+                raise ValueError(f"backend {self.name!r} declares {feature} but has no {feature}_fn")
 
 
 def kwargs_for(backend: Backend, case: Case, device) -> dict:
@@ -91,10 +101,32 @@ def kwargs_for(backend: Backend, case: Case, device) -> dict:
     return kwargs
 
 
-def call(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case) -> torch.Tensor:
+def call(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case, **extra) -> torch.Tensor:
     """Run the backend and hold its result to the output contract (a tensor shaped like q, same dtype
     and device), so a wrong return is reported as such rather than as a numerical mismatch."""
-    out = backend.fn(q, k, v, **kwargs_for(backend, case, q.device))
+    return checked_output(backend, backend.fn(q, k, v, **kwargs_for(backend, case, q.device), **extra), q)
+
+
+def call_varlen(backend: Backend, q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, case: Case) -> torch.Tensor:
+    """``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)``
+    on packed (total_tokens, heads, head_dim) tensors."""
+    kwargs = kwargs_for(backend, case, q.device)
+    kwargs.pop("causal_alignment", None)  # each packed sequence is square: the alignments coincide
+    return checked_output(backend, backend.varlen_fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs), q)
+
+
+def call_kvcache(backend: Backend, q, k_cache, v_cache, k_new, v_new, cache_seqlens: torch.Tensor,
+                 case: Case) -> torch.Tensor:
+    """``flash_attn_with_kvcache(q, k_cache, v_cache, k=..., v=..., cache_seqlens=..., ...)``: the new
+    keys and values are written into the caches at cache_seqlens, then q attends to the filled part."""
+    kwargs = kwargs_for(backend, case, q.device)
+    kwargs.pop("causal_alignment", None)  # decoding is bottom-right aligned by definition
+    out = backend.kvcache_fn(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=cache_seqlens, **kwargs)
+    return checked_output(backend, out, q)
+
+
+def checked_output(backend: Backend, out, q: torch.Tensor) -> torch.Tensor:
+    """``out`` (or its first item), if it is a tensor shaped like q with q's dtype and device."""
     if isinstance(out, (tuple, list)) and out:
         out = out[0]
     if not isinstance(out, torch.Tensor):
@@ -102,7 +134,7 @@ def call(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     problems = []
     if tuple(out.shape) != tuple(q.shape):
         problems.append(f"shape {tuple(out.shape)} instead of q's {tuple(q.shape)}")
-        if tuple(out.shape) == (q.shape[0], q.shape[2], q.shape[1], q.shape[3]):
+        if q.dim() == 4 and tuple(out.shape) == (q.shape[0], q.shape[2], q.shape[1], q.shape[3]):
             problems.append("which is (batch, heads, seqlen, head_dim): the convention is (batch, seqlen, heads, "
                             "head_dim), so transpose(1, 2) the output (and check the inputs' layout)")
     if out.dtype != q.dtype:

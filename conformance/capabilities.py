@@ -121,7 +121,8 @@ class Capabilities:
         if self.equal_seqlens and case.seqlen_q != case.seqlen_k:
             reasons.append("only seqlen_q == seqlen_k is supported")
         for feature, present in (("window", case.window is not None), ("softcap", bool(case.softcap)),
-                                 ("alibi", case.alibi)):
+                                 ("alibi", case.alibi), ("varlen", case.varlen is not None),
+                                 ("kvcache", case.cache_seqlens is not None)):
             if present and not getattr(self, feature):
                 reasons.append(f"{feature} not supported")
         for feature in needs:

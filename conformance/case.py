@@ -34,6 +34,10 @@ class Case:
     window: (left, right) sliding window as in flash-attn's window_size, -1 meaning unbounded.
     softcap: 0 for none, else scores become softcap * tanh(scores / softcap).
     alibi: add ALiBi biases -slope_h * |i + seqlen_k - seqlen_q - j| with the standard slopes.
+    varlen: the lengths of the sequences of a packed variable-length batch (one per batch item; q and k
+      of a sequence have the same length; seqlen_q == seqlen_k == the longest).
+    cache_seqlens: KV-cache decoding: tokens already in each batch item's cache, whose capacity is
+      seqlen_k; the seqlen_q new tokens are appended after them and attend to cache and themselves.
     """
 
     batch: int = 2
@@ -50,6 +54,8 @@ class Case:
     window: tuple[int, int] | None = None
     softcap: float = 0.0
     alibi: bool = False
+    varlen: tuple[int, ...] | None = None
+    cache_seqlens: tuple[int, ...] | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -72,6 +78,15 @@ class Case:
             problems.append("softmax_scale must be > 0")
         if self.softcap < 0 or self.magnitude <= 0:
             problems.append("softcap must be >= 0 and magnitude > 0")
+        if self.varlen is not None and (len(self.varlen) != self.batch or min(self.varlen) < 1
+                                        or max(self.varlen) != self.seqlen_q or self.seqlen_q != self.seqlen_k):
+            problems.append("varlen needs one length >= 1 per batch item, the longest equal to seqlen_q and seqlen_k")
+        if self.cache_seqlens is not None and (len(self.cache_seqlens) != self.batch or min(self.cache_seqlens) < 0
+                                               or max(self.cache_seqlens) + self.seqlen_q > self.seqlen_k):
+            problems.append("cache_seqlens needs one count >= 0 per batch item, each leaving room for seqlen_q "
+                            "new tokens in a cache of seqlen_k")
+        if self.varlen is not None and self.cache_seqlens is not None:
+            problems.append("varlen and cache_seqlens do not combine")
         if problems:
             raise ValueError("invalid case: " + "; ".join(problems))
 
@@ -108,6 +123,10 @@ class Case:
             parts.append(f"cap{self.softcap:g}")
         if self.alibi:
             parts.append("alibi")
+        if self.varlen is not None:
+            parts.append("varlen" + ".".join(map(str, self.varlen)))
+        if self.cache_seqlens is not None:
+            parts.append("cache" + ".".join(map(str, self.cache_seqlens)))
         parts.append(f"seed{self.seed}")
         return "_".join(parts)
 
@@ -135,6 +154,10 @@ class Case:
                     fields["softcap"] = float(token[3:])
                 elif token == "alibi":
                     fields["alibi"] = True
+                elif token.startswith("varlen"):
+                    fields["varlen"] = tuple(int(n) for n in token[6:].split("."))
+                elif token.startswith("cache"):
+                    fields["cache_seqlens"] = tuple(int(n) for n in token[5:].split("."))
                 elif token.startswith("x"):
                     fields["magnitude"] = float(token[1:])
                 else:

@@ -41,7 +41,12 @@ def _attention_and_grads(inputs: Inputs, case: Case, grads: bool, upcast: bool =
 
 @functools.lru_cache(maxsize=1)
 def expected(case: Case, device: str, masked_rows: str, grads: bool) -> Expected:
-    inputs = make_inputs(case, device)
+    """For the case's own inputs (``inputs.make_inputs``)."""
+    return expected_for(make_inputs(case, device), case, masked_rows, grads)
+
+
+def expected_for(inputs: Inputs, case: Case, masked_rows: str, grads: bool) -> Expected:
+    """For given inputs of the case's shape (a sequence cut from a packed batch, a filled KV cache)."""
     out, ref_grads = _attention_and_grads(inputs, case, grads, masked_rows=masked_rows)
     out_err, grad_errs = 0.0, [0.0, 0.0, 0.0]
     for order in reference.ORDERS:

@@ -28,17 +28,17 @@ def profile(name: str) -> settings:
                     **PROFILES[name])
 
 
-def not_fuzzable_reasons(caps: Capabilities, needs: tuple[str, ...], causal_only: bool) -> list[str]:
-    """Why no case at all can be drawn for a check (a feature it needs that the backend lacks)."""
-    reasons = [f"{feature.replace('_', ' ')} not supported" for feature in needs if not getattr(caps, feature)]
-    if causal_only and not caps.causal:
-        reasons.append("causal masking not supported")
-    return reasons
+def not_fuzzable_reasons(caps: Capabilities, needs: tuple[str, ...], feature: str | None) -> list[str]:
+    """Why no case at all can be drawn for a check: a feature it needs that the backend lacks."""
+    required = (*needs, *([] if feature is None else [feature]))
+    return [f"{name.replace('_', ' ')} not supported" for name in dict.fromkeys(required)
+            if not (caps.causal if name == "causal" else getattr(caps, name))]
 
 
-def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), causal_only: bool = False,
+def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature: str | None = None,
           max_seqlen: int = 160) -> st.SearchStrategy:
-    """Cases ``caps`` supports on ``device`` (causal ones only if asked), small enough to run by the hundred."""
+    """Cases ``caps`` supports on ``device``, each with ``feature`` (a check's CASE_FEATURE: "causal",
+    "window", "softcap", "alibi", "varlen", "kvcache") if given, small enough to run by the hundred."""
 
     @st.composite
     def build(draw):
@@ -48,21 +48,39 @@ def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), causal_o
             head_dim = draw(st.integers(caps.head_dim_min, min(caps.head_dim_max, 160)))
         nheads_k = draw(st.integers(1, 2))
         group = draw(st.sampled_from((1, 1, 2, 4))) if caps.gqa or caps.mqa else 1
+        batch = draw(st.integers(1, 2))
         seqlen_q = draw(st.integers(1, max_seqlen))
         seqlen_k = seqlen_q if caps.equal_seqlens or draw(st.booleans()) else draw(st.integers(1, max_seqlen))
-        layouts = ("contiguous", "bhsd", "packed") if seqlen_q == seqlen_k else ("contiguous", "bhsd")
+        varlen = cache_seqlens = None
+        if feature == "varlen":
+            varlen = tuple(draw(st.lists(st.integers(1, max_seqlen), min_size=1, max_size=4)))
+            batch, seqlen_q, seqlen_k = len(varlen), max(varlen), max(varlen)
+        if feature == "kvcache":
+            seqlen_q = draw(st.integers(1, 8))
+            seqlen_k = draw(st.integers(seqlen_q, max_seqlen))
+            cache_seqlens = tuple(draw(st.lists(st.integers(0, seqlen_k - seqlen_q), min_size=batch, max_size=batch)))
+        layouts = ["contiguous", "bhsd"] + (["packed"] if seqlen_q == seqlen_k else [])
+        if feature in ("varlen", "kvcache"):
+            layouts = ["contiguous"]
+        alignments = caps.causal if feature != "kvcache" else tuple(a for a in caps.causal if a == "bottom_right")
+        causal = draw(st.sampled_from(alignments if feature == "causal" else (None, *alignments)))
         window = None
-        if caps.window and draw(st.booleans()):
+        if feature == "window" or (caps.window and feature is None and draw(st.booleans())):
             window = (draw(st.integers(-1, max_seqlen)), draw(st.integers(-1, max_seqlen)))
+            if window == (-1, -1):
+                window = (0, -1)
+        softcap = 0.0
+        if feature == "softcap" or (caps.softcap and feature is None and draw(st.booleans())):
+            softcap = draw(st.sampled_from((1.0, 5.0, 30.0)))
+        alibi = feature == "alibi" or (caps.alibi and feature is None and draw(st.booleans()))
         return Case(
-            batch=draw(st.integers(1, 2)), seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads_k * group,
-            nheads_k=nheads_k, head_dim=head_dim, dtype=draw(st.sampled_from(sorted(caps.dtypes))),
-            causal=draw(st.sampled_from(caps.causal if causal_only else (None, *caps.causal))),
+            batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads_k * group, nheads_k=nheads_k,
+            head_dim=head_dim, dtype=draw(st.sampled_from(sorted(caps.dtypes))), causal=causal,
             softmax_scale=draw(st.none() | st.sampled_from((0.05, 0.1, 0.3, 0.5, 1.0, 2.0)))
             if caps.softmax_scale else None,
             layout=draw(st.sampled_from(layouts)), magnitude=draw(st.sampled_from((1.0, 4.0, 16.0))),
-            window=window, softcap=draw(st.sampled_from((0.0, 5.0, 30.0))) if caps.softcap else 0.0,
-            alibi=draw(st.booleans()) if caps.alibi else False, seed=draw(st.integers(0, 99_999)),
+            window=window, softcap=softcap, alibi=alibi, varlen=varlen, cache_seqlens=cache_seqlens,
+            seed=draw(st.integers(0, 99_999)),
         )
 
     return build().filter(lambda case: not caps.not_supported_reasons(case, device, needs))

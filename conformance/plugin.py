@@ -289,13 +289,13 @@ def attn_fuzz(request):
             request.node.stash[RESULT] = {"outcome": "not run", "reasons": [reason]}
             pytest.skip(reason)
         module = CHECKS[check]
-        reasons = fuzz.not_fuzzable_reasons(backend.capabilities, module.NEEDS, module.CAUSAL_ONLY)
+        reasons = fuzz.not_fuzzable_reasons(backend.capabilities, module.NEEDS, module.CASE_FEATURE)
         if reasons:
             request.node.stash[RESULT] = {"outcome": "skipped", "reasons": reasons}
             pytest.skip(f"{backend.name}: {'; '.join(reasons)}")
         learnt = request.node.stash.setdefault(RESULT, {})
 
-        strategy = fuzz.cases(backend.capabilities, session.selection.device, module.NEEDS, module.CAUSAL_ONLY)
+        strategy = fuzz.cases(backend.capabilities, session.selection.device, module.NEEDS, module.CASE_FEATURE)
 
         @fuzz.profile(session.fuzz_profile)
         @hypothesis.given(case=strategy)

@@ -24,6 +24,7 @@ class Verdict:
     device: str
     findings: list[Finding] = field(default_factory=list)
     comparisons: list[Comparison] = field(default_factory=list)
+    measurements: dict = field(default_factory=dict)  # properties reported, not judged (e.g. run-to-run spread)
 
     @property
     def passed(self) -> bool:
@@ -48,10 +49,10 @@ class Verdict:
 
     def as_dict(self) -> dict:
         return {"findings": [{"property": f.property, "message": f.message} for f in self.findings],
-                "comparisons": [c.as_dict() for c in self.comparisons]}
+                "comparisons": [c.as_dict() for c in self.comparisons], "measurements": self.measurements}
 
     @classmethod
     def from_dict(cls, check: str, backend: str, case: Case, device: str, data: dict) -> Verdict:
         """The inverse of ``as_dict`` (a verdict that crossed a process boundary)."""
         return cls(check, backend, case, device, [Finding(**f) for f in data["findings"]],
-                   [Comparison(**c) for c in data["comparisons"]])
+                   [Comparison(**c) for c in data["comparisons"]], data.get("measurements", {}))

@@ -29,7 +29,8 @@ def _naive_caps(**changes):
 
 
 def _tiled_caps(**changes):
-    return dataclasses.replace(tiled.BACKEND.capabilities, **changes)
+    """tiled's declaration, less the varlen and KV-cache functions a plain function does not have."""
+    return dataclasses.replace(tiled.BACKEND.capabilities, varlen=False, kvcache=False, **changes)
 
 
 def _textbook(q, k, v, scale, causal, alignment, *, leak=0, fill=-1e9, max_subtract=True):
@@ -167,8 +168,64 @@ def float32_output(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, cau
                            causal_alignment=causal_alignment)
 
 
-def _mutant(fn, check, prop, caps):
-    return Mutant(Backend(name=fn.__name__.replace("_", "-"), fn=fn, capabilities=caps), check, prop)
+def window_off_by_one(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), **kw):
+    """The left edge of the window admits one key too many."""
+    left, right = window_size
+    return tiled.attention(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                           window_size=(left + 1 if left >= 0 else left, right), **kw)
+
+
+def alibi_slope_sign(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, alibi_slopes=None, **kw):
+    """Adds the ALiBi distance penalty instead of subtracting it."""
+    return tiled.attention(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                           alibi_slopes=None if alibi_slopes is None else -alibi_slopes, **kw)
+
+
+def softcap_unscaled(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, softcap=0.0, **kw):
+    """Caps the raw scores, then scales: scale * softcap * tanh(q.k / softcap) instead of
+    softcap * tanh(scale * q.k / softcap)."""
+    scale = _scale(q, softmax_scale)
+    return tiled.attention(q, k, v, softmax_scale=scale, causal=causal, softcap=softcap * scale, **kw)
+
+
+def varlen_leak(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, **kwargs):
+    """Each sequence's keys run one token into the next sequence (an off-by-one end offset)."""
+    ends = cu_seqlens_k.clone()
+    ends[1:-1] += 1
+    outs = []
+    bq, bk = cu_seqlens_q.tolist(), ends.tolist()
+    starts = cu_seqlens_k.tolist()
+    for i in range(len(bq) - 1):
+        outs.append(tiled.attention(q[None, bq[i]: bq[i + 1]], k[None, starts[i]: bk[i + 1]],
+                                    v[None, starts[i]: bk[i + 1]], softmax_scale=kwargs.get("softmax_scale"))[0])
+    return torch.cat(outs)
+
+
+def kvcache_ignores_lengths(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, **kwargs):
+    """Writes the new tokens, then attends to the whole cache capacity, stale entries included."""
+    tiled.kvcache_attention(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, **kwargs)
+    return tiled.attention(q, k_cache, v_cache, softmax_scale=kwargs.get("softmax_scale"))
+
+
+def kvcache_no_write(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, **kwargs):
+    """Attends correctly but leaves the caches unchanged."""
+    return tiled.kvcache_attention(q, k_cache.clone(), v_cache.clone(), k=k, v=v, cache_seqlens=cache_seqlens,
+                                   **kwargs)
+
+
+def nondeterministic_backward(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, deterministic=False, **kw):
+    """Claims a deterministic backward, but its block size (so its summation order) changes per call."""
+    return tiled.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, block_k=next(_block_sizes), **kw)
+
+
+def _mutant(fn, check, prop, caps, **fns):
+    return Mutant(Backend(name=fn.__name__.replace("_", "-"), fn=fn, capabilities=caps, **fns), check, prop)
+
+
+def _tiled_variant(name, check, prop, **fns):
+    """A copy of the tiled backend with one of its functions replaced."""
+    backend = dataclasses.replace(tiled.BACKEND, name=name, **fns)
+    return Mutant(backend, check, prop)
 
 
 MUTANTS = [
@@ -187,4 +244,11 @@ MUTANTS = [
     _mutant(modifies_input, "sanity", "inputs-unmodified", _naive_caps()),
     _mutant(stale_cache, "sanity", "fresh-output", _naive_caps()),
     _mutant(float32_output, "forward", "contract", _naive_caps()),
+    _mutant(window_off_by_one, "window", "outside-window-independence", _tiled_caps()),
+    _mutant(alibi_slope_sign, "alibi", "alibi-reference", _tiled_caps()),
+    _mutant(softcap_unscaled, "softcap", "softcap-reference", _tiled_caps()),
+    _tiled_variant("varlen-leak", "varlen", "sequence-isolation", varlen_fn=varlen_leak),
+    _tiled_variant("kvcache-ignores-lengths", "kvcache", "kvcache-reference", kvcache_fn=kvcache_ignores_lengths),
+    _tiled_variant("kvcache-no-write", "kvcache", "cache-update", kvcache_fn=kvcache_no_write),
+    _mutant(nondeterministic_backward, "determinism", "backward-deterministic", _tiled_caps()),
 ]

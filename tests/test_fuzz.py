@@ -2,7 +2,7 @@
 failure to a small case whose id reruns it; correct backends survive it."""
 
 import pytest
-from hypothesis import HealthCheck, find, given, settings
+from hypothesis import HealthCheck, Phase, find, given, settings
 
 from conformance import fuzz
 from conformance.backends import tiled
@@ -10,13 +10,13 @@ from conformance.case import Case
 from conformance.checks import CHECKS, execute
 from mutants import MUTANTS
 
-SEARCH = settings(max_examples=300, database=None, derandomize=True, deadline=None,
+SEARCH = settings(max_examples=300, database=None, derandomize=True, deadline=None, phases=[Phase.generate],
                   suppress_health_check=[HealthCheck.too_slow])
 
 
 def strategy(backend, check):
     module = CHECKS[check]
-    return fuzz.cases(backend.capabilities, "cpu", module.NEEDS, module.CAUSAL_ONLY)
+    return fuzz.cases(backend.capabilities, "cpu", module.NEEDS, module.CASE_FEATURE)
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.backend.name)
@@ -24,9 +24,20 @@ def test_fuzzer_finds_each_mutant(mutant):
     def caught(case):
         return mutant.prop in execute(mutant.check, mutant.backend, case, "cpu").failed_properties
 
-    minimal = find(strategy(mutant.backend, mutant.check), caught, settings=SEARCH)
-    assert Case.from_id(minimal.id) == minimal and caught(minimal)
-    assert minimal.seqlen_q * minimal.seqlen_k <= 160 * 160
+    found = find(strategy(mutant.backend, mutant.check), caught, settings=SEARCH)
+    assert Case.from_id(found.id) == found and caught(found)
+
+
+def test_a_failure_shrinks_to_a_minimal_case():
+    mutant = next(m for m in MUTANTS if m.backend.name == "batch-mixed")
+
+    def caught(case):
+        return mutant.prop in execute(mutant.check, mutant.backend, case, "cpu").failed_properties
+
+    minimal = find(strategy(mutant.backend, mutant.check), caught,
+                   settings=settings(SEARCH, phases=[Phase.generate, Phase.shrink]))
+    print("minimal failing case:", minimal.id)
+    assert minimal.batch == 2 and minimal.seqlen_q == minimal.seqlen_k == 1 and minimal.nheads == 1
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
@@ -45,7 +56,7 @@ def test_fuzzed_cases_stay_inside_the_declaration():
                                                "gqa": False, "mqa": False, "equal_seqlens": True})
 
     @settings(max_examples=50, derandomize=True, database=None)
-    @given(case=fuzz.cases(caps, "cpu", ("backward",), causal_only=True))
+    @given(case=fuzz.cases(caps, "cpu", ("backward",), "causal"))
     def inside(case):
         assert not caps.not_supported_reasons(case, "cpu", ("backward",))
         assert case.dtype == "bf16" and case.head_dim in (64, 128) and case.causal == "top_left"

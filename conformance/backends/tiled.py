@@ -128,8 +128,9 @@ class _TiledAttention(torch.autograd.Function):
 
 
 def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-              alibi_slopes=None, causal_alignment="bottom_right", block_q=64, block_k=64):
-    """flash-attn's calling convention; block_q and block_k set the tile sizes."""
+              alibi_slopes=None, deterministic=False, causal_alignment="bottom_right", block_q=64, block_k=64):
+    """flash-attn's calling convention; block_q and block_k set the tile sizes. The backward is always
+    deterministic (a fixed loop order, no atomics), so ``deterministic`` changes nothing."""
     if dropout_p:
         raise ValueError("tiled attention has no dropout")
     in_dtype = q.dtype
@@ -145,10 +146,45 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_s
     return out.transpose(1, 2).to(in_dtype)
 
 
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                     deterministic=False):
+    """flash_attn_varlen_func's convention: each packed sequence attends only to itself."""
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return torch.cat([
+        attention(q[None, bq[i]: bq[i + 1]], k[None, bk[i]: bk[i + 1]], v[None, bk[i]: bk[i + 1]],
+                  softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+                  alibi_slopes=alibi_slopes)[0]
+        for i in range(len(bq) - 1)])
+
+
+def kvcache_attention(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None, causal=False,
+                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """flash_attn_with_kvcache's convention: new keys/values are written into the caches (in place) after
+    each item's cache_seqlens tokens; q attends to the filled part, bottom-right aligned."""
+    batch, new = q.shape[0], 0 if k is None else k.shape[1]
+    lengths = [k_cache.shape[1]] * batch if cache_seqlens is None else (
+        [int(cache_seqlens)] * batch if isinstance(cache_seqlens, int) else cache_seqlens.tolist())
+    outs = []
+    for b, n in enumerate(lengths):
+        if new:
+            with torch.no_grad():
+                k_cache[b, n: n + new] = k[b]
+                v_cache[b, n: n + new] = v[b]
+        filled = slice(0, n + new)
+        outs.append(attention(q[b: b + 1], k_cache[b: b + 1, filled], v_cache[b: b + 1, filled],
+                              softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+                              alibi_slopes=alibi_slopes))
+    return torch.cat(outs)
+
+
 BACKEND = Backend(
     name="tiled",
     fn=attention,
     capabilities=Capabilities(causal=("bottom_right", "top_left"), head_dim_max=1024, memory="linear",
-                              window=True, softcap=True, alibi=True),
+                              window=True, softcap=True, alibi=True, varlen=True, kvcache=True,
+                              deterministic_backward=True),
     description="FlashAttention's algorithm (online softmax, recomputing backward) in plain PyTorch",
+    varlen_fn=varlen_attention,
+    kvcache_fn=kvcache_attention,
 )

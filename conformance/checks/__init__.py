@@ -1,5 +1,5 @@
 """The checks, by name. Each module holds NAME, NEEDS (backend features it requires beyond the case),
-CAUSAL_ONLY (whether its cases must be causal),
+CASE_FEATURE (the case feature it exercises, which all its cases have, or None),
 ``cases(tier)`` (its grid) and ``run(backend, case, device) -> Verdict``."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ import traceback
 
 from conformance.backend import Backend, ContractError, Unsupported, classify
 from conformance.case import Case
-from conformance.checks import causal, forward, gradients, sanity
+from conformance.checks import alibi, causal, determinism, forward, gradients, kvcache, sanity, softcap, varlen, window
 from conformance.verdict import Verdict
 
-CHECKS = {module.NAME: module for module in (forward, gradients, causal, sanity)}
+CHECKS = {module.NAME: module for module in (forward, gradients, causal, sanity, window, softcap, alibi, varlen,
+                                             kvcache, determinism)}
 
 
 def execute(check: str, backend: Backend, case: Case, device: str) -> Verdict:

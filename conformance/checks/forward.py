@@ -14,7 +14,7 @@ from conformance.verdict import Verdict
 
 NAME = "forward"
 NEEDS: tuple[str, ...] = ()
-CAUSAL_ONLY = False  # whether its cases (and fuzzed ones) must be causal
+CASE_FEATURE = None  # the case feature the check exercises: every case (fuzzed too) has it
 BASE = Case(batch=2, seqlen_q=128, seqlen_k=128, nheads=4, head_dim=64, dtype="fp32")
 
 

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import itertools
 
-import torch
-
 from conformance import tiers
-from conformance.backend import Backend, call
+from conformance.backend import Backend
 from conformance.case import Case
-from conformance.expected import GRAD_NAMES, expected
-from conformance.inputs import make_inputs
-from conformance.tolerance import GRADIENT_MULTIPLE, compare
+from conformance.checks.common import compare_gradients
 from conformance.verdict import Verdict
 
 NAME = "gradients"
 NEEDS: tuple[str, ...] = ("backward",)
-CAUSAL_ONLY = False  # whether its cases (and fuzzed ones) must be causal
+CASE_FEATURE = None  # the case feature the check exercises: every case (fuzzed too) has it
 BASE = Case(batch=2, seqlen_q=65, seqlen_k=65, nheads=4, head_dim=64, dtype="fp32")
 
 
@@ -52,14 +48,5 @@ def cases(tier: str) -> list[Case]:
 
 def run(backend: Backend, case: Case, device: str) -> Verdict:
     verdict = Verdict(NAME, backend.name, case, device)
-    inputs = make_inputs(case, device, requires_grad=True)
-    out = call(backend, inputs.q, inputs.k, inputs.v, case)
-    if not out.requires_grad:
-        verdict.fail("backward", "output is not differentiable (no autograd graph) although backward is declared")
-        return verdict
-    grads = torch.autograd.grad(out, (inputs.q, inputs.k, inputs.v), inputs.dout)
-    exp = expected(case, device, backend.capabilities.masked_rows, True)
-    for name, grad, ref, err in zip(GRAD_NAMES, grads, exp.grads, exp.grad_torch_errors):
-        verdict.add(name, compare(name, grad, ref, err, case.torch_dtype, GRADIENT_MULTIPLE,
-                                  max(case.seqlen_q, case.seqlen_k)))
+    compare_gradients(backend, case, device, verdict)
     return verdict

@@ -15,6 +15,7 @@ import torch
 from conformance import tiers
 from conformance.backend import Backend, call
 from conformance.case import Case
+from conformance.checks.common import bitwise_equal
 from conformance.checks.forward import output_comparison
 from conformance.expected import expected
 from conformance.inputs import make_inputs
@@ -22,7 +23,7 @@ from conformance.verdict import Verdict
 
 NAME = "sanity"
 NEEDS: tuple[str, ...] = ()
-CAUSAL_ONLY = False  # whether its cases (and fuzzed ones) must be causal
+CASE_FEATURE = None  # the case feature the check exercises: every case (fuzzed too) has it
 BASE = Case(batch=2, seqlen_q=128, seqlen_k=128, nheads=4, head_dim=64, dtype="fp32")
 
 
@@ -41,10 +42,6 @@ def cases(tier: str) -> list[Case]:
     return tiers.grid(tier, quick, standard, full)
 
 
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
-
-
 def run(backend: Backend, case: Case, device: str) -> Verdict:
     verdict = Verdict(NAME, backend.name, case, device)
     caps = backend.capabilities
@@ -53,7 +50,7 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     out = call(backend, inputs.q, inputs.k, inputs.v, case)
 
     for name in ("q", "k", "v"):
-        if not _bitwise_equal(getattr(inputs, name), getattr(before, name)):
+        if not bool(bitwise_equal(getattr(inputs, name), getattr(before, name)).all()):
             verdict.fail("inputs-unmodified", f"the call modified its input {name} in place")
     storages = {t.untyped_storage().data_ptr() for t in (inputs.q, inputs.k, inputs.v)}
     if out.untyped_storage().data_ptr() in storages:
@@ -66,9 +63,10 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
 
     out = out.detach().clone()  # the next call may reuse the backend's output buffer
     if caps.deterministic_forward:
-        again = call(backend, before.q, before.k, before.v, case)
-        if not _bitwise_equal(out, again):
-            differ = int((~((out == again) | (torch.isnan(out) & torch.isnan(again)))).sum())
+        again = call(backend, inputs.q, inputs.k, inputs.v, case)  # the same tensors: same strides, same path
+        same = bitwise_equal(out, again)
+        if not bool(same.all()):
+            differ = int((~same).sum())
             verdict.fail("deterministic", f"the same inputs twice gave outputs differing in {differ} elements")
 
     other = case.replace(seed=case.seed + 1)  # same shapes, other numbers

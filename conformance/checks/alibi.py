@@ -1,0 +1,40 @@
+"""ALiBi biases (-slope_h * |i + seqlen_k - seqlen_q - j|, flash-attn's ``alibi_slopes``, one float32
+slope per head): output and gradients match the reference with the same biases."""
+
+from __future__ import annotations
+
+from conformance import tiers
+from conformance.backend import Backend
+from conformance.case import Case
+from conformance.checks.common import compare_gradients
+from conformance.checks.forward import output_comparison
+from conformance.verdict import Verdict
+
+NAME = "alibi"
+NEEDS: tuple[str, ...] = ("alibi",)
+CASE_FEATURE = "alibi"  # the case feature the check exercises: every case (fuzzed too) has it
+BASE = Case(batch=2, seqlen_q=128, seqlen_k=128, nheads=4, head_dim=64, dtype="fp32", alibi=True)
+
+
+def cases(tier: str) -> list[Case]:
+    b = BASE
+    quick = [
+        b,
+        b.replace(causal="bottom_right"),
+        b.replace(seqlen_q=65, seqlen_k=129, nheads=8, nheads_k=2),
+        b.replace(seqlen_q=129, seqlen_k=65, causal="bottom_right", dtype="fp16"),
+        b.replace(dtype="bf16", nheads=8, nheads_k=1),
+    ]
+    standard = [b.replace(seqlen_q=sq, seqlen_k=sk, dtype=dt, causal=c, nheads=16)
+                for sq, sk in ((257, 257), (64, 1000)) for dt in ("fp16", "bf16") for c in (None, "bottom_right")]
+    full = [b.replace(seqlen_q=2048, seqlen_k=2048, dtype=dt, head_dim=d, causal="bottom_right", nheads=16)
+            for dt in ("fp16", "bf16") for d in (64, 128)]
+    return tiers.grid(tier, quick, standard, full)
+
+
+def run(backend: Backend, case: Case, device: str) -> Verdict:
+    verdict = Verdict(NAME, backend.name, case, device)
+    verdict.add("alibi-reference", output_comparison(backend, case, device))
+    if backend.capabilities.backward:
+        compare_gradients(backend, case, device, verdict)
+    return verdict

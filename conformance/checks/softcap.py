@@ -1,0 +1,41 @@
+"""Logit soft-capping (scores -> softcap * tanh(scores / softcap), as in Gemma 2 and flash-attn's
+``softcap``): output and gradients match the reference with the same cap."""
+
+from __future__ import annotations
+
+from conformance import tiers
+from conformance.backend import Backend
+from conformance.case import Case
+from conformance.checks.common import compare_gradients
+from conformance.checks.forward import output_comparison
+from conformance.verdict import Verdict
+
+NAME = "softcap"
+NEEDS: tuple[str, ...] = ("softcap",)
+CASE_FEATURE = "softcap"  # the case feature the check exercises: every case (fuzzed too) has it
+BASE = Case(batch=2, seqlen_q=128, seqlen_k=128, nheads=4, head_dim=64, dtype="fp32", softcap=5.0)
+
+
+def cases(tier: str) -> list[Case]:
+    b = BASE
+    quick = [
+        b,
+        b.replace(softcap=30.0, magnitude=4),
+        b.replace(seqlen_q=65, seqlen_k=129, causal="bottom_right", softcap=2.0),
+        b.replace(dtype="fp16", softcap=30.0),
+        b.replace(dtype="bf16", softcap=50.0, nheads=8, nheads_k=2, magnitude=16),
+    ]
+    standard = [b.replace(seqlen_q=sq, seqlen_k=sk, softcap=cap, dtype=dt, causal=c)
+                for sq, sk in ((257, 257), (129, 1000)) for cap in (1.0, 30.0)
+                for dt in ("fp16", "bf16") for c in (None, "bottom_right")]
+    full = [b.replace(seqlen_q=2048, seqlen_k=2048, softcap=30.0, dtype=dt, head_dim=d, causal="bottom_right")
+            for dt in ("fp16", "bf16") for d in (64, 128)]
+    return tiers.grid(tier, quick, standard, full)
+
+
+def run(backend: Backend, case: Case, device: str) -> Verdict:
+    verdict = Verdict(NAME, backend.name, case, device)
+    verdict.add("softcap-reference", output_comparison(backend, case, device))
+    if backend.capabilities.backward:
+        compare_gradients(backend, case, device, verdict)
+    return verdict

@@ -1,0 +1,45 @@
+"""Sliding window (flash-attn's ``window_size=(left, right)``, -1 unbounded): the output and gradients
+match the reference under the same mask, and keys outside a query's window do not change its output
+by a single bit."""
+
+from __future__ import annotations
+
+from conformance import tiers
+from conformance.backend import Backend
+from conformance.case import Case
+from conformance.checks.common import compare_gradients, masked_keys_do_not_matter
+from conformance.checks.forward import output_comparison
+from conformance.verdict import Verdict
+
+NAME = "window"
+NEEDS: tuple[str, ...] = ("window",)
+CASE_FEATURE = "window"  # the case feature the check exercises: every case (fuzzed too) has it
+BASE = Case(batch=2, seqlen_q=128, seqlen_k=128, nheads=4, head_dim=64, dtype="fp32", window=(16, 0))
+
+
+def cases(tier: str) -> list[Case]:
+    b = BASE
+    quick = [
+        b,
+        b.replace(window=(8, 8)),
+        b.replace(window=(32, -1), causal="bottom_right"),
+        b.replace(seqlen_q=65, seqlen_k=129, window=(10, 5)),
+        b.replace(seqlen_q=129, seqlen_k=65, window=(3, 3)),
+        b.replace(seqlen_q=129, seqlen_k=129, window=(-1, 7), dtype="fp16"),
+        b.replace(seqlen_q=65, seqlen_k=65, window=(0, 0), dtype="bf16", nheads=8, nheads_k=2),
+    ]
+    standard = [b.replace(seqlen_q=sq, seqlen_k=sk, window=w, dtype=dt, causal=c)
+                for sq, sk in ((257, 257), (64, 1000)) for w in ((1, 0), (64, 64), (255, -1))
+                for dt in ("fp16", "bf16") for c in (None, "bottom_right")]
+    full = [b.replace(seqlen_q=2048, seqlen_k=2048, window=(w, 0), dtype=dt, head_dim=d, causal="bottom_right")
+            for w in (128, 1024) for dt in ("fp16", "bf16") for d in (64, 128)]
+    return tiers.grid(tier, quick, standard, full)
+
+
+def run(backend: Backend, case: Case, device: str) -> Verdict:
+    verdict = Verdict(NAME, backend.name, case, device)
+    verdict.add("window-reference", output_comparison(backend, case, device))
+    if backend.capabilities.backward:
+        compare_gradients(backend, case, device, verdict)
+    masked_keys_do_not_matter(backend, case, device, verdict, "outside-window-independence")
+    return verdict
