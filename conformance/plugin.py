@@ -80,11 +80,11 @@ def backend_listing() -> list[str]:
     lines = []
     for backend, reasons in availability():
         name = backend if isinstance(backend, str) else backend.name
-        lines.append(f"{name:<12} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
+        lines.append(f"{name:<15} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
         if not isinstance(backend, str):
             if backend.description:
-                lines.append(f"{'':<12} {backend.description}")
-            lines.append(f"{'':<12} {backend.capabilities.summary()}")
+                lines.append(f"{'':<15} {backend.description}")
+            lines.append(f"{'':<15} {backend.capabilities.summary()}")
     return lines
 
 

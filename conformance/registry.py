@@ -23,6 +23,14 @@ BUILTIN = {
     "naive": "conformance.backends.naive",
     "sdpa-math": "conformance.backends.sdpa_math",
     "tiled": "conformance.backends.tiled",
+    "sdpa-flash": "conformance.backends.sdpa_flash",
+    "sdpa-efficient": "conformance.backends.sdpa_efficient",
+    "sdpa-cudnn": "conformance.backends.sdpa_cudnn",
+    "flex": "conformance.backends.flex",
+    "flash": "conformance.backends.flash",
+    "flash3": "conformance.backends.flash3",
+    "flash4": "conformance.backends.flash4",
+    "xformers": "conformance.backends.xformers",
 }
 ENTRY_POINT_GROUP = "attention_conformance.backends"
 CAPABILITIES_ATTRIBUTE = "conformance_capabilities"

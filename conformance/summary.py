@@ -50,5 +50,5 @@ def table(records: list[dict]) -> list[str]:
     for b in backends:
         if reasons[b]:
             lines.append(f"main skip reasons for {b}:")
-            lines += [f"  {n:>4} x {reason}" for reason, n in reasons[b].most_common(3)]
+            lines += [f"  {n:>4} x {reason}" for reason, n in reasons[b].most_common(5)]
     return lines

@@ -65,10 +65,10 @@ def test_import_string_with_declaration_skips_with_reasons(pytester):
     result = pytester.runpytest(*SUITE, "--backend=my_kernels.py:attention")
     outcomes = result.parseoutcomes()
     assert outcomes["passed"] > 0 and outcomes["skipped"] > 0 and "failed" not in outcomes
-    result.stdout.fnmatch_lines(["main skip reasons for my_kernels.py:attention:",
-                                 "*dtype * not supported (declared: fp32, fp64)*"])
+    result.stdout.fnmatch_lines(["main skip reasons for my_kernels.py:attention:", "*x only seqlen_q == seqlen_k*"])
     skipped = [r for r in journal(pytester)[1:] if r["outcome"] == "skipped"]
     assert all(r["reasons"] for r in skipped)
+    assert any("dtype fp16 not supported (declared: fp32, fp64)" in r["reasons"] for r in skipped)
     assert any(r["reasons"] == ["backward not supported"] for r in skipped if r["check"] == "gradients")
 
 
@@ -126,8 +126,8 @@ def test_entry_point_backend(pytester):
     """A third-party package registers a backend through the entry-point group, with no other code."""
     pytester.makepyfile(thirdparty_attn=textwrap.dedent('''
         from conformance import Backend, Capabilities
-        from conformance.backends.sdpa_math import attention
-        BACKEND = Backend("thirdparty", attention, Capabilities(causal=("top_left",), dtypes={"fp32"}))
+        from conformance.backends.sdpa_math import BACKEND as MATH
+        BACKEND = Backend("thirdparty", MATH.fn, Capabilities(causal=("top_left",), dtypes={"fp32"}))
     '''))
     dist = pytester.mkdir("thirdparty_attn-1.0.dist-info")
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-attn\nVersion: 1.0\n")
@@ -208,3 +208,12 @@ def test_torn_last_line_of_a_killed_run_is_dropped(pytester):
     result = pytester.run(sys.executable, "-m", "conformance", "summary", str(path))
     assert result.ret == 0
     result.stdout.fnmatch_lines(["*1 cases recorded*", "b *1/0/0*pass*"])
+
+
+def test_every_check_has_a_test_in_the_suite():
+    import conformance.suite.test_conformance as suite
+    from conformance.checks import CHECKS
+
+    marked = {m.args[0] for name in dir(suite) if name.startswith("test_")
+              for m in getattr(getattr(suite, name), "pytestmark", []) if m.name == "attention_check"}
+    assert marked == set(CHECKS)

@@ -21,3 +21,33 @@ def test_causal(attn_backend, attn_case, attn_check):
 @pytest.mark.attention_check("sanity")
 def test_sanity(attn_backend, attn_case, attn_check):
     attn_check(attn_backend, attn_case)
+
+
+@pytest.mark.attention_check("window")
+def test_window(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)
+
+
+@pytest.mark.attention_check("softcap")
+def test_softcap(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)
+
+
+@pytest.mark.attention_check("alibi")
+def test_alibi(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)
+
+
+@pytest.mark.attention_check("varlen")
+def test_varlen(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)
+
+
+@pytest.mark.attention_check("kvcache")
+def test_kvcache(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)
+
+
+@pytest.mark.attention_check("determinism")
+def test_determinism(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)

@@ -1,0 +1,73 @@
+"""`flex`: torch's FlexAttention, compiled (torch.compile of flex_attention), with masks as a block mask
+and softcap / ALiBi as a score modification.
+
+Mask and score parameters enter as tensors, not Python numbers, so a new offset or window does not
+trigger a recompilation. CUDA only: on the CPU it compiles too, but measured on the 2-core CI machine
+(torch 2.13) the first compile took 14 s and each new shape about 3 s, minutes over a tier's grid.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from conformance.backend import Backend
+from conformance.backends.requirements import cuda_reasons, import_reasons
+from conformance.capabilities import Capabilities
+
+
+@functools.cache
+def _flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+              alibi_slopes=None, causal_alignment="bottom_right", flex=None):
+    """flash-attn's convention; ``flex`` replaces the compiled flex_attention (tests pass the eager one)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if dropout_p:
+        raise ValueError("flex attention has no dropout")
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    sq, sk, device = q.shape[-2], k.shape[-2], q.device
+    offset = torch.tensor(sk - sq if causal_alignment == "bottom_right" else 0, device=device)
+    left, right = (torch.tensor(w, device=device) for w in window_size)
+    windowed = window_size[0] >= 0 or window_size[1] >= 0
+
+    def mask_mod(b, h, qi, ki):
+        diag = qi + offset
+        ok = (ki <= diag) if causal else (ki >= 0)
+        if windowed:
+            ok = ok & ((left < 0) | (ki >= diag - left)) & ((right < 0) | (ki <= diag + right))
+        return ok
+
+    block_mask = create_block_mask(mask_mod, None, None, sq, sk, device=device) if causal or windowed else None
+    capped, biased = bool(softcap), alibi_slopes is not None  # booleans: the compiled graph's guards see only these
+    cap = torch.tensor(float(softcap), device=device)
+    slopes = alibi_slopes.to(device=device, dtype=torch.float32) if biased else None
+    alibi_offset = torch.tensor(sk - sq, device=device)
+
+    def score_mod(score, b, h, qi, ki):
+        if capped:
+            score = cap * torch.tanh(score / cap)
+        if biased:  # bottom-right aligned distances, as flash-attn defines ALiBi
+            score = score - slopes[h] * (qi + alibi_offset - ki).abs()
+        return score
+
+    out = (flex or _flex())(q, k, v, score_mod=score_mod if capped or biased else None, block_mask=block_mask,
+                            scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
+
+
+BACKEND = Backend(
+    name="flex",
+    fn=attention,
+    capabilities=Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"fp16", "bf16", "fp32"}), head_dim_min=16,
+                              head_dim_max=256, causal=("bottom_right", "top_left"), memory="linear", window=True,
+                              softcap=True, alibi=True),
+    description="torch.nn.attention.flex_attention, compiled; masks as block masks",
+    unavailable_reasons=lambda: cuda_reasons(None, "compiled flex attention") or import_reasons("triton"),
+)

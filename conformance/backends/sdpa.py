@@ -1,0 +1,50 @@
+"""The adapter shared by the SDPA backends: torch's scaled_dot_product_attention pinned to one kernel
+with ``torch.nn.attention.sdpa_kernel``, so a silent fallback to another kernel is impossible.
+
+SDPA takes (batch, heads, seqlen, head_dim); the adapter transposes. ``is_causal`` is top-left aligned;
+bottom-right alignment goes through ``torch.nn.attention.bias.causal_lower_right``. When the pinned
+kernel cannot run a case, torch raises "No available kernel" (CUDA) or "No viable backend" (CPU)
+after warning why; the adapter raises
+``Unsupported`` with torch's own warnings as the reason, so the case is skipped, never passed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from conformance.backend import Unsupported
+
+REFUSALS = ("No available kernel", "No viable backend")  # what torch raises when the pinned kernel can't run
+
+
+def pinned(kernel: SDPBackend):
+    """An attention function in flash-attn's convention that runs SDPA on ``kernel`` only."""
+
+    def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="top_left"):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        mask, is_causal = None, False
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if causal and causal_alignment == "bottom_right" and q.shape[-2] != k.shape[-2]:
+                mask = causal_lower_right(q.shape[-2], k.shape[-2])
+            else:
+                is_causal = causal
+            try:
+                with sdpa_kernel([kernel]):
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                         is_causal=is_causal, scale=softmax_scale,
+                                                         enable_gqa=q.shape[1] != k.shape[1])
+            except RuntimeError as exc:
+                if not any(text in str(exc) for text in REFUSALS):
+                    raise
+                reasons = [str(w.message).strip() for w in caught if "not used because" in str(w.message)
+                           or "kernel" in str(w.message).lower()]
+                raise Unsupported(f"torch refused {kernel.name}: " + (" | ".join(reasons) or str(exc))) from None
+        return out.transpose(1, 2)
+
+    attention.__name__ = f"sdpa_{kernel.name.lower()}"
+    return attention

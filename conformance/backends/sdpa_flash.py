@@ -1,0 +1,26 @@
+"""`sdpa-flash`: torch SDPA pinned to its FlashAttention-2 kernel (CUDA, 16-bit, head dim <= 256)."""
+
+import torch
+from torch.nn.attention import SDPBackend
+
+from conformance.backend import Backend
+from conformance.backends.requirements import cuda_reasons
+from conformance.backends.sdpa import pinned
+from conformance.capabilities import Capabilities
+
+
+def unavailable_reasons() -> list[str]:
+    reasons = cuda_reasons((8, 0), "SDPA's flash kernel")
+    if not reasons and not torch.backends.cuda.is_flash_attention_available():
+        reasons.append(f"torch {torch.__version__} was built without its flash attention kernel")
+    return reasons
+
+
+BACKEND = Backend(
+    name="sdpa-flash",
+    fn=pinned(SDPBackend.FLASH_ATTENTION),
+    capabilities=Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"fp16", "bf16"}), head_dim_max=256,
+                              causal=("top_left", "bottom_right"), memory="linear"),
+    description="torch SDPA pinned to SDPBackend.FLASH_ATTENTION",
+    unavailable_reasons=unavailable_reasons,
+)

@@ -1,0 +1,80 @@
+"""`xformers`: ``xformers.ops.memory_efficient_attention`` (its dispatcher picks an operator), with its
+attention biases: ``LowerTriangularMask`` (top-left causal), ``LowerTriangularFromBottomRightMask``
+(bottom-right), and ``BlockDiagonalMask`` / ``BlockDiagonalCausalMask`` for packed variable-length
+batches. GQA/MQA go through xFormers' 5-d (batch, seqlen, groups, heads, head_dim) layout.
+
+Availability asks xFormers itself: a wheel built for another torch imports with a warning and then has
+no usable operator; the reasons are xFormers' own (its load error, and each operator's
+``not_supported_reasons``, as ``python -m xformers.info`` would show).
+"""
+
+from __future__ import annotations
+
+from conformance.backend import Backend
+from conformance.backends.requirements import cuda_reasons, import_reasons, package_reasons
+from conformance.capabilities import Capabilities
+
+
+def unavailable_reasons() -> list[str]:
+    reasons = (package_reasons("xformers", "pip install xformers, built for your torch")
+               or cuda_reasons(None, "xFormers' CUDA operators") or import_reasons("xformers.ops"))
+    if reasons:
+        return reasons
+    import torch
+    import xformers._cpp_lib
+    from xformers.ops import fmha
+
+    load_error = xformers._cpp_lib._cpp_library_load_exception
+    if load_error is not None:
+        reasons.append(" ".join(str(load_error).split()))
+    tiny = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.float16)
+    try:
+        fmha.memory_efficient_attention_forward(tiny, tiny, tiny)
+    except NotImplementedError as exc:
+        reasons.append(" ".join(str(exc).split()))
+    return reasons
+
+
+def _grouped(q, k, v):
+    """(B, S, H, D) q with (B, S, Hk, D) k, v -> xFormers' (B, S, Hk, H/Hk, D) view, or as they are for MHA."""
+    b, sq, h, d = q.shape
+    hk = k.shape[2]
+    if hk == h:
+        return q, k, v
+    group = h // hk
+    expand = (lambda t: t.unsqueeze(3).expand(t.shape[0], t.shape[1], hk, group, d))
+    return q.reshape(b, sq, hk, group, d), expand(k), expand(v)
+
+
+def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    from xformers.ops import fmha, memory_efficient_attention
+
+    bias = None
+    if causal:
+        bias = (fmha.attn_bias.LowerTriangularFromBottomRightMask() if causal_alignment == "bottom_right"
+                else fmha.attn_bias.LowerTriangularMask())
+    out = memory_efficient_attention(*_grouped(q, k, v), attn_bias=bias, p=dropout_p, scale=softmax_scale)
+    return out.reshape(q.shape)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                     softmax_scale=None, causal=False):
+    from xformers.ops import fmha, memory_efficient_attention
+
+    lens_q, lens_k = cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist()
+    mask_type = fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask if causal else fmha.attn_bias.BlockDiagonalMask
+    bias = mask_type.from_seqlens(q_seqlen=lens_q, kv_seqlen=lens_k)
+    out = memory_efficient_attention(*_grouped(q[None], k[None], v[None]), attn_bias=bias, p=dropout_p,
+                                     scale=softmax_scale)
+    return out.reshape(q.shape)
+
+
+BACKEND = Backend(
+    name="xformers",
+    fn=attention,
+    capabilities=Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"fp16", "bf16", "fp32"}),
+                              causal=("bottom_right", "top_left"), memory="linear", varlen=True),
+    description="xformers.ops.memory_efficient_attention with its attention biases",
+    unavailable_reasons=unavailable_reasons,
+    varlen_fn=varlen_attention,
+)

@@ -1,0 +1,67 @@
+"""The GPU backends' argument translation, checked on the CPU where it is non-trivial; and their
+availability reasons on a machine without a GPU."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend
+from torch.nn.attention.flex_attention import flex_attention
+
+from conformance import reference
+from conformance.backend import Unsupported, call
+from conformance.backends import flash, flex, xformers
+from conformance.backends.sdpa import pinned
+from conformance.case import Case
+from conformance.inputs import make_inputs
+
+
+@pytest.mark.parametrize("case", [
+    Case(seqlen_q=33, seqlen_k=65, causal="bottom_right", nheads=4, nheads_k=2, head_dim=16),
+    Case(seqlen_q=65, seqlen_k=33, causal="top_left", head_dim=16, softcap=5.0),
+    Case(seqlen_q=40, seqlen_k=40, window=(5, 3), head_dim=16, alibi=True),
+    Case(seqlen_q=40, seqlen_k=20, causal="bottom_right", head_dim=16, window=(4, -1)),
+], ids=lambda c: c.id)
+def test_flex_adapter_masks_and_score_mods(case):
+    """Eager flex_attention stands in for the compiled one (which costs seconds per shape on a CPU)."""
+    eager = dataclasses.replace(flex.BACKEND, fn=lambda *a, **k: flex.attention(*a, flex=flex_attention, **k))
+    inputs = make_inputs(case, "cpu")
+    out = call(eager, inputs.q, inputs.k, inputs.v, case)
+    assert torch.allclose(out.double(), reference.attention(inputs.q, inputs.k, inputs.v, case), atol=1e-5)
+
+
+def test_pinned_sdpa_refuses_with_torchs_reason_instead_of_falling_back():
+    inputs = make_inputs(Case(seqlen_q=8, seqlen_k=8, head_dim=16), "cpu")
+    with pytest.raises(Unsupported, match="torch refused EFFICIENT_ATTENTION"):
+        pinned(SDPBackend.EFFICIENT_ATTENTION)(inputs.q, inputs.k, inputs.v)
+
+
+def test_flash_head_dims_come_from_the_library_symbols(tmp_path):
+    def symbols(direction, dims):
+        return b"".join(b"_Z12run_mha_%s_IN7cutlass6half_tELi%dELb0EEvR16Flash_fwd_params" % (direction.encode(), d)
+                        for d in dims)
+
+    lib = tmp_path / "flash_attn_2_cuda.so"
+    lib.write_bytes(b"\x7fELF" + symbols("fwd", (64, 128, 256)) + symbols("bwd", (64, 128)))
+    dims = flash.built_head_dims(str(lib))
+    assert dims == frozenset(range(33, 65)) | frozenset(range(97, 129))  # 256 lacks a backward kernel
+    assert flash.built_head_dims(str(tmp_path / "missing.so")) is None
+
+
+def test_xformers_grouped_layout_maps_query_heads_to_their_kv_head():
+    q = torch.arange(6).float().view(1, 1, 6, 1).expand(1, 1, 6, 2)  # head h holds h
+    k = torch.arange(3).float().view(1, 1, 3, 1).expand(1, 1, 3, 2)
+    gq, gk, _ = xformers._grouped(q, k, k)
+    assert gq.shape == (1, 1, 3, 2, 2) and gk.shape == (1, 1, 3, 2, 2)
+    for h in range(6):  # flash-attn's GQA: query head h reads kv head h // (6 / 3)
+        assert gq[0, 0, h // 2, h % 2, 0] == h and gk[0, 0, h // 2, h % 2, 0] == h // 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reasons given on a machine without a GPU")
+def test_gpu_backends_say_why_they_are_unavailable(pytester):
+    result = pytester.runpytest("--list-backends")
+    result.stdout.fnmatch_lines(["sdpa-flash *unavailable: SDPA's flash kernel needs a CUDA GPU; torch * sees none",
+                                 "flash *unavailable: flash_attn is not installed (pip install flash-attn*"])
+    named = pytester.runpytest("--pyargs", "conformance.suite", "--backend=sdpa-cudnn")
+    assert named.ret == pytest.ExitCode.USAGE_ERROR
+    named.stderr.fnmatch_lines(["*backend 'sdpa-cudnn' is unavailable here: SDPA's cuDNN kernel needs a CUDA GPU*"])
