@@ -86,7 +86,13 @@ class Capabilities:
 
     def head_dim_text(self) -> str:
         if self.head_dims is not None:
-            return "{" + ", ".join(map(str, sorted(self.head_dims))) + "}"
+            runs: list[list[int]] = []
+            for d in sorted(self.head_dims):
+                if runs and d == runs[-1][1] + 1:
+                    runs[-1][1] = d
+                else:
+                    runs.append([d, d])
+            return "{" + ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs) + "}"
         multiple = f" (multiples of {self.head_dim_multiple})" if self.head_dim_multiple > 1 else ""
         return f"{self.head_dim_min}-{self.head_dim_max}{multiple}"
 

@@ -24,8 +24,10 @@ GRAD_NAMES = ("dq", "dk", "dv")
 class Expected:
     out: torch.Tensor  # float64
     out_torch_error: float
+    out_magnitude: float  # the terms' magnitude (reference.term_magnitudes), for the tolerance's floor
     grads: tuple[torch.Tensor, ...] | None  # float64 dq, dk, dv
     grad_torch_errors: tuple[float, ...] | None
+    grad_magnitudes: tuple[float, ...] | None
 
 
 def _attention_and_grads(inputs: Inputs, case: Case, grads: bool, upcast: bool = True, **kwargs):
@@ -57,4 +59,6 @@ def expected_for(inputs: Inputs, case: Case, masked_rows: str, grads: bool) -> E
                                                    masked_rows=masked_rows, order=order)
             grad_errs = [max(e, max_abs_error(g1, r), max_abs_error(g2, r))
                          for e, g1, g2, r in zip(grad_errs, p_grads, flash_grads, ref_grads)]
-    return Expected(out, out_err, ref_grads, tuple(grad_errs) if grads else None)
+    magnitudes = reference.term_magnitudes(inputs.q, inputs.k, inputs.v, inputs.dout, case, masked_rows)
+    return Expected(out, out_err, magnitudes[0], ref_grads, tuple(grad_errs) if grads else None,
+                    magnitudes[1:] if grads else None)

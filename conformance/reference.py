@@ -69,7 +69,8 @@ def alibi_bias(case: Case, device=None, dtype=torch.float64) -> torch.Tensor:
 
 # Equally valid orders of evaluation of the same formula. The float64 reference uses the first; the
 # tolerance (tolerance.py) is calibrated by the worst of all of them computed in the case's dtype.
-ORDERS = ("scale_q", "scale_k", "scale_scores", "scale_sqrt", "split_sums")
+ORDERS = ("scale_q", "scale_k", "scale_scores", "scale_sqrt", "split_sums", "exp2")
+LOG2E = 1.4426950408889634
 
 
 def _scores(q, k, scale, order):
@@ -115,6 +116,16 @@ def _masked_scores(q, k, case: Case, order: str):
     return scores, capped
 
 
+def _softmax(scores, order: str):
+    """softmax over keys; "exp2" as FlashAttention kernels do it: exp2 of log2(e)-scaled scores."""
+    if order != "exp2":
+        return torch.softmax(scores, dim=-1)
+    scaled = scores * LOG2E
+    top = scaled.amax(dim=-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+    e = torch.exp2(scaled - top)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
 def _zero_masked_rows(probs, case: Case):
     empty = fully_masked_rows(case, probs.device)
     return probs if empty is None else probs.masked_fill(empty.view(-1, 1), 0.0)
@@ -148,7 +159,7 @@ def attention(q, k, v, case: Case, *, upcast: bool = True, masked_rows: str = "z
     q, k, v = (t.to(dtype) for t in (q, k, v))
     k, v = _expand(k, v, case)
     scores, _ = _masked_scores(q, k, case, order)
-    probs = _zero_masked_rows(torch.softmax(scores, dim=-1), case)
+    probs = _zero_masked_rows(_softmax(scores, order), case)
     return _fill_masked_rows(_weighted_sum(probs, v, order), v, case, masked_rows)
 
 
@@ -176,3 +187,29 @@ def flash_backward(q, k, v, dout, case: Case, *, masked_rows: str = "zeros", ord
     group = case.nheads // case.nheads_k
     dk, dv = (t.reshape(b, case.seqlen_k, case.nheads_k, group, d).sum(3) for t in (dkx, dvx))
     return dq, dk, dv
+
+
+def term_magnitudes(q, k, v, dout, case: Case, masked_rows: str = "zeros") -> tuple[float, float, float, float]:
+    """For out, dq, dk, dv: the largest sum of absolute values of the terms that make one element
+    (|P|·|V| for out; scale·|P∘(|dP|+|D|)|·|K| for dq, its transpose with |Q| for dk; |P|ᵀ·|dO| for dv),
+    in float64. Rounding errors scale with these, not with the result, which can cancel to ~0."""
+    q, k, v, dout = (t.detach().to(torch.float64) for t in (q, k, v, dout))
+    b, sq, h, d = q.shape
+    kx, vx = _expand(k, v, case)
+    scores, _ = _masked_scores(q, kx, case, "scale_q")
+    probs = _zero_masked_rows(torch.softmax(scores, dim=-1), case)
+    empty = fully_masked_rows(case, q.device)
+    if empty is not None and masked_rows == "mean_v":
+        probs = torch.where(empty.view(-1, 1), 1.0 / case.seqlen_k, probs)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vx)
+    delta = (dout * out).sum(-1).transpose(1, 2).unsqueeze(-1).abs()
+    ds = probs * (torch.einsum("bqhd,bkhd->bhqk", dout, vx).abs() + delta)
+    group = case.nheads // case.nheads_k
+
+    def grouped(t):  # (b, sk, h, d) -> (b, sk, hk, d), summed over the query heads sharing a kv head
+        return t.reshape(b, case.seqlen_k, case.nheads_k, group, d).sum(3)
+
+    return (float(torch.einsum("bhqk,bkhd->bqhd", probs, vx.abs()).max()),
+            case.scale * float(torch.einsum("bhqk,bkhd->bqhd", ds, kx.abs()).max()),
+            case.scale * float(grouped(torch.einsum("bhqk,bqhd->bkhd", ds, q.abs())).max()),
+            float(grouped(torch.einsum("bhqk,bqhd->bkhd", probs, dout.abs())).max()))

@@ -4,18 +4,22 @@ A backend's result R for a case (its output, or one of dq, dk, dv) is compared w
 reference F, computed from the backend's own rounded inputs (reference.py), by the largest absolute
 difference. It passes when
 
-    max|R - F|  <=  M * E_torch  +  E_ref  +  ulp_dtype(max|F|)  +  sqrt(n) * ulp_acc(max|F|)
+    max|R - F|  <=  M * E_torch  +  E_ref  +  ulp_dtype(T)  +  sqrt(n) * ulp_acc(T)
 
 - E_torch is the error of plain PyTorch computing the same formula in the case's dtype on the same
   inputs and device: the largest of max|P_i - F| over the evaluation orders in ``reference.ORDERS``
-  (where the scale is applied, how the sums are split). M = 2 for outputs, 3 for gradients.
+  (where the scale is applied, how the sums are split, exp or FlashAttention's exp2) and, for
+  gradients, by autograd and by FlashAttention's backward formulas. M = 2 for outputs, 3 for gradients.
 - E_ref is the reference's own error. The reference is float64, so against 16- and 32-bit dtypes it
   is negligible (below the last term) and taken as 0; for float64 inputs it is as large as the
   backend's, and is estimated the same way, by reordering: E_ref = E_torch.
+- T is the magnitude of the terms that make an element, the largest sum of their absolute values
+  (``reference.term_magnitudes``: |P|·|V| for the output, scale·|P∘(|dP|+|D|)|·|K| for dq, and so on),
+  as in the classical bound |error of a sum| <= gamma_n * sum|terms|. A result can cancel to nearly zero
+  while its terms do not: dq when one key takes all the weight is ~0 exactly, but every kernel
+  computes it as a difference of numbers of size |dP|·|K|.
 - ulp_dtype(x) is the spacing of the dtype's numbers at x: rounding a correct result to the output
-  dtype may cost half of it. max|F| is taken as at least 1: the suite's inputs have unit scale, so a
-  kernel's intermediates do too, even where the result cancels to nearly zero (dq and dk when
-  seqlen_k = 1 are exactly zero in exact arithmetic, but not in any kernel's).
+  dtype may cost half of it.
 - n = max(seqlen_q, seqlen_k), the longest sum a kernel accumulates, and ulp_acc is the ulp of its
   accumulation precision (float64 for float64 inputs, float32 otherwise).
 
@@ -88,7 +92,7 @@ def ulp(dtype: torch.dtype, magnitude: float) -> float:
 
 
 def bound(torch_error: float, magnitude: float, dtype: torch.dtype, multiple: float, n: int) -> float:
-    """The rule above, for a reference whose largest magnitude is ``magnitude``."""
+    """The rule above, for terms of magnitude T = ``magnitude``."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     reference_error = torch_error if dtype == torch.float64 else 0.0
     return multiple * torch_error + reference_error + ulp(dtype, magnitude) + math.sqrt(n) * ulp(acc, magnitude)
@@ -101,13 +105,12 @@ def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return float(diff.abs().max()) if diff.numel() else 0.0
 
 
-def compare(name: str, actual: torch.Tensor, reference: torch.Tensor, torch_error: float,
+def compare(name: str, actual: torch.Tensor, reference: torch.Tensor, torch_error: float, magnitude: float,
             dtype: torch.dtype, multiple: float, n: int) -> Comparison:
-    """Apply the rule to one tensor: ``reference`` is float64, ``torch_error`` as defined above."""
+    """Apply the rule to one tensor: ``reference`` is float64, ``torch_error`` and ``magnitude`` (T) as
+    defined above."""
     actual = actual.detach().to(reference.device, torch.float64)
     ref_nan = torch.isnan(reference)
     nonfinite = int(((~torch.isfinite(actual)) & ~ref_nan).sum() + (ref_nan & ~torch.isnan(actual)).sum())
-    finite_ref = reference[torch.isfinite(reference)]
-    magnitude = max(float(finite_ref.abs().max()) if finite_ref.numel() else 0.0, 1.0)
     return Comparison(name, max_abs_error(actual, reference),
                       bound(torch_error, magnitude, dtype, multiple, n), torch_error, nonfinite)

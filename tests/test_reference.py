@@ -66,3 +66,16 @@ def test_alibi_bias_follows_flash_attn_definition():
     bias = reference.alibi_bias(case)
     slope0 = 2.0 ** -4
     assert torch.allclose(bias[0], -slope0 * torch.tensor([[1.0, 0, 1], [2, 1, 0]], dtype=torch.float64))
+
+
+def test_term_magnitudes_bound_the_result_and_survive_its_cancellation():
+    # one key holds all the weight: dq is ~0 in exact arithmetic, its terms are not
+    case = Case(batch=1, seqlen_q=1, seqlen_k=2, nheads=1, head_dim=8, dtype="fp64", magnitude=16)
+    inputs = make_inputs(case, "cpu")
+    leaves = [t.detach().clone().requires_grad_() for t in (inputs.q, inputs.k, inputs.v)]
+    out = reference.attention(*leaves, case)
+    dq, dk, dv = torch.autograd.grad(out, leaves, inputs.dout)
+    mags = reference.term_magnitudes(inputs.q, inputs.k, inputs.v, inputs.dout, case)
+    for result, magnitude in zip((out, dq, dk, dv), mags):
+        assert float(result.abs().max()) <= magnitude * (1 + 1e-12)
+    assert float(dq.abs().max()) < 1e-10 < mags[1]

@@ -24,15 +24,15 @@ def test_bound_formula():
 
 def test_compare_passes_within_and_fails_beyond():
     ref = torch.randn(100, dtype=torch.float64)
-    within = compare("out", ref + 1e-7, ref, 1e-7, torch.float32, FORWARD_MULTIPLE, 16)
-    beyond = compare("out", ref + 1e-5, ref, 1e-7, torch.float32, FORWARD_MULTIPLE, 16)
+    within = compare("out", ref + 1e-7, ref, 1e-7, 1.0, torch.float32, FORWARD_MULTIPLE, 16)
+    beyond = compare("out", ref + 1e-5, ref, 1e-7, 1.0, torch.float32, FORWARD_MULTIPLE, 16)
     assert within.passed and not beyond.passed and "EXCEEDS" in beyond.describe()
 
 
 def test_non_finite_values_never_pass():
     ref = torch.zeros(4, dtype=torch.float64)
     actual = torch.tensor([0.0, float("nan"), 0.0, float("inf")])
-    assert compare("out", actual, ref, 1.0, torch.float32, 2.0, 1).nonfinite == 2
+    assert compare("out", actual, ref, 1.0, 1.0, torch.float32, 2.0, 1).nonfinite == 2
     ref_nan = torch.tensor([float("nan"), 0.0], dtype=torch.float64)
-    assert not compare("out", torch.zeros(2), ref_nan, 1.0, torch.float32, 2.0, 1).passed
-    assert compare("out", torch.tensor([float("nan"), 0.0]), ref_nan, 0.0, torch.float32, 2.0, 1).passed
+    assert not compare("out", torch.zeros(2), ref_nan, 1.0, 1.0, torch.float32, 2.0, 1).passed
+    assert compare("out", torch.tensor([float("nan"), 0.0]), ref_nan, 0.0, 1.0, torch.float32, 2.0, 1).passed

@@ -3,7 +3,8 @@ and softcap / ALiBi as a score modification.
 
 Mask and score parameters enter as tensors, not Python numbers, so a new offset or window does not
 trigger a recompilation. CUDA only: on the CPU it compiles too, but measured on the 2-core CI machine
-(torch 2.13) the first compile took 14 s and each new shape about 3 s, minutes over a tier's grid.
+(torch 2.13) the first compile took 14 s and each new shape about 3 s, minutes over a tier's grid. On an H100
+(torch 2.11) a new head dim or dtype cost 2 to over 60 s of compilation.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from conformance.capabilities import Capabilities
 def _flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # automatic dynamic shapes: a new seqlen recompiles once, not each time
 
 
 def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,

@@ -10,6 +10,7 @@ after warning why; the adapter raises
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch.nn.functional as F
@@ -21,10 +22,21 @@ from conformance.backend import Unsupported
 REFUSALS = ("No available kernel", "No viable backend")  # what torch raises when the pinned kernel can't run
 
 
-def pinned(kernel: SDPBackend):
-    """An attention function in flash-attn's convention that runs SDPA on ``kernel`` only."""
+def _reasons(caught, exc) -> str:
+    """torch's warnings, without their "(Triggered internally at ...)" boilerplate and bare headers."""
+    texts = []
+    for warning in caught:
+        text = re.sub(r"\s*\(Triggered internally at [^)]*\)\s*", " ", str(warning.message)).strip()
+        if text and not re.fullmatch(r"[\w\s-]*kernel not used because:", text) and text not in texts:
+            texts.append(text)
+    return " | ".join(texts) or f"{exc} (torch gives its detailed reasons once per process)"
 
-    def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="top_left"):
+
+def pinned(kernel: SDPBackend, default_alignment: str = "top_left"):
+    """An attention function in flash-attn's convention that runs SDPA on ``kernel`` only.
+    ``default_alignment`` is what causal=True means without a ``causal_alignment`` argument."""
+
+    def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment=default_alignment):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         mask, is_causal = None, False
         with warnings.catch_warnings(record=True) as caught:
@@ -41,9 +53,7 @@ def pinned(kernel: SDPBackend):
             except RuntimeError as exc:
                 if not any(text in str(exc) for text in REFUSALS):
                     raise
-                reasons = [str(w.message).strip() for w in caught if "not used because" in str(w.message)
-                           or "kernel" in str(w.message).lower()]
-                raise Unsupported(f"torch refused {kernel.name}: " + (" | ".join(reasons) or str(exc))) from None
+                raise Unsupported(f"torch refused {kernel.name}: {_reasons(caught, exc)}") from None
         return out.transpose(1, 2)
 
     attention.__name__ = f"sdpa_{kernel.name.lower()}"

@@ -10,7 +10,7 @@ no usable operator; the reasons are xFormers' own (its load error, and each oper
 
 from __future__ import annotations
 
-from conformance.backend import Backend
+from conformance.backend import Backend, Unsupported
 from conformance.backends.requirements import cuda_reasons, import_reasons, package_reasons
 from conformance.capabilities import Capabilities
 
@@ -46,26 +46,40 @@ def _grouped(q, k, v):
     return q.reshape(b, sq, hk, group, d), expand(k), expand(v)
 
 
+def _efficient(*args, **kwargs):
+    """memory_efficient_attention; "No operator found" (no xFormers operator takes this case) is the
+    library refusing it, reported with xFormers' own per-operator reasons."""
+    from xformers.ops import memory_efficient_attention
+
+    try:
+        return memory_efficient_attention(*args, **kwargs)
+    except NotImplementedError as exc:
+        if "No operator found" not in str(exc):
+            raise
+        reasons = [" ".join(line.split()) for line in str(exc).splitlines() if "is not supported because" in line
+                   or line.startswith("    ")]
+        raise Unsupported("xFormers has no operator for this case: " + " ".join(reasons)[:1500]) from None
+
+
 def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
-    from xformers.ops import fmha, memory_efficient_attention
+    from xformers.ops import fmha
 
     bias = None
     if causal:
         bias = (fmha.attn_bias.LowerTriangularFromBottomRightMask() if causal_alignment == "bottom_right"
                 else fmha.attn_bias.LowerTriangularMask())
-    out = memory_efficient_attention(*_grouped(q, k, v), attn_bias=bias, p=dropout_p, scale=softmax_scale)
+    out = _efficient(*_grouped(q, k, v), attn_bias=bias, p=dropout_p, scale=softmax_scale)
     return out.reshape(q.shape)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                      softmax_scale=None, causal=False):
-    from xformers.ops import fmha, memory_efficient_attention
+    from xformers.ops import fmha
 
     lens_q, lens_k = cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist()
     mask_type = fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask if causal else fmha.attn_bias.BlockDiagonalMask
     bias = mask_type.from_seqlens(q_seqlen=lens_q, kv_seqlen=lens_k)
-    out = memory_efficient_attention(*_grouped(q[None], k[None], v[None]), attn_bias=bias, p=dropout_p,
-                                     scale=softmax_scale)
+    out = _efficient(*_grouped(q[None], k[None], v[None]), attn_bias=bias, p=dropout_p, scale=softmax_scale)
     return out.reshape(q.shape)
 
 

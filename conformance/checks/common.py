@@ -22,8 +22,8 @@ def compare_gradients(backend: Backend, case: Case, device: str, verdict: Verdic
         return
     grads = torch.autograd.grad(out, (inputs.q, inputs.k, inputs.v), inputs.dout)
     exp = expected(case, device, backend.capabilities.masked_rows, True)
-    for name, grad, ref, err in zip(GRAD_NAMES, grads, exp.grads, exp.grad_torch_errors):
-        verdict.add(name, compare(name, grad, ref, err, case.torch_dtype, GRADIENT_MULTIPLE,
+    for name, grad, ref, err, mag in zip(GRAD_NAMES, grads, exp.grads, exp.grad_torch_errors, exp.grad_magnitudes):
+        verdict.add(name, compare(name, grad, ref, err, mag, case.torch_dtype, GRADIENT_MULTIPLE,
                                   max(case.seqlen_q, case.seqlen_k)))
 
 

@@ -67,7 +67,7 @@ def output_comparison(backend: Backend, case: Case, device: str, out=None) -> Co
         inputs = make_inputs(case, device)
         out = call(backend, inputs.q, inputs.k, inputs.v, case)
     exp = expected(case, device, backend.capabilities.masked_rows, False)
-    return compare("out", out, exp.out, exp.out_torch_error, case.torch_dtype, FORWARD_MULTIPLE,
+    return compare("out", out, exp.out, exp.out_torch_error, exp.out_magnitude, case.torch_dtype, FORWARD_MULTIPLE,
                    max(case.seqlen_q, case.seqlen_k))
 
 

@@ -59,5 +59,6 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
         exp = expected_for(Inputs(inputs.q[b: b + 1], keys, values, inputs.dout[b: b + 1]), sub,
                            backend.capabilities.masked_rows, False)
         verdict.add("kvcache-reference", compare(f"batch item {b} ({n} cached + {sq} new)", out[b: b + 1], exp.out,
-                                                 exp.out_torch_error, case.torch_dtype, FORWARD_MULTIPLE, n + sq))
+                                                 exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
+                                                 FORWARD_MULTIPLE, n + sq))
     return verdict
