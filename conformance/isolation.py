@@ -41,12 +41,12 @@ class Outcome:
     message: str = ""
 
 
-def _run_here(check: str, backend: Backend, case: Case, device: str) -> tuple[Outcome, bool]:
+def _run_here(check: str, backend: Backend, case: Case, device: str, options: dict) -> tuple[Outcome, bool]:
     """The outcome, and whether this process is still fit to run the next case."""
     from conformance.checks import execute
 
     try:
-        return Outcome(VERDICT, execute(check, backend, case, device)), True
+        return Outcome(VERDICT, execute(check, backend, case, device, options)), True
     except Unsupported as exc:
         return Outcome(UNSUPPORTED, message=str(exc)), True
     except OutOfMemory as exc:
@@ -67,15 +67,15 @@ def _release_memory() -> None:
 
 
 class InProcess:
-    def run(self, check: str, backend: Backend, case: Case, device: str, timeout: float) -> Outcome:
-        return _run_here(check, backend, case, device)[0]
+    def run(self, check: str, backend: Backend, case: Case, device: str, timeout: float, options: dict) -> Outcome:
+        return _run_here(check, backend, case, device, options)[0]
 
     def close(self) -> None:
         pass
 
 
 def _serve(conn, log_path: str) -> None:
-    """The worker's loop: one request (check, backend spec, case id, device) at a time."""
+    """The worker's loop: one request (check, backend spec, case id, device, options) at a time."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crashing kernel must not write a core dump of GBs
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
     os.dup2(log, 1)  # a kernel's prints and a fatal error's traceback go to the log, not the terminal
@@ -87,12 +87,12 @@ def _serve(conn, log_path: str) -> None:
     backends: dict[str, Backend] = {}
     while True:
         try:
-            check, spec, case_id, device = conn.recv()
+            check, spec, case_id, device, options = conn.recv()
         except (EOFError, OSError):  # the parent is gone
             return
         if spec not in backends:
             backends[spec] = registry.load(spec)
-        outcome, healthy = _run_here(check, backends[spec], Case.from_id(case_id), device)
+        outcome, healthy = _run_here(check, backends[spec], Case.from_id(case_id), device, options)
         verdict = outcome.verdict
         conn.send((outcome.kind, None if verdict is None else verdict.as_dict(), outcome.message))
         if not healthy:
@@ -134,12 +134,12 @@ class Isolated:
             return code
         return None
 
-    def run(self, check: str, backend: Backend, case: Case, device: str, timeout: float) -> Outcome:
+    def run(self, check: str, backend: Backend, case: Case, device: str, timeout: float, options: dict) -> Outcome:
         if self._process is None or not self._process.is_alive():
             self._stop()
             self._start()
         log_start = os.path.getsize(self._log.name)
-        self._conn.send((check, backend.name, case.id, device))
+        self._conn.send((check, backend.name, case.id, device, options))
         if not self._conn.poll(timeout):
             self._stop()
             return Outcome(TIMED_OUT, message=f"no result within {timeout:g} s; the worker was killed")

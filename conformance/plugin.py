@@ -13,7 +13,7 @@ import pytest
 
 from conformance import fuzz, isolation, summary, tiers
 from conformance.case import Case
-from conformance.checks import CHECKS
+from conformance.checks import CHECKS, CORRECTNESS_CHECKS
 from conformance.isolation import CRASHED, OOM, TIMED_OUT, UNSUPPORTED, Outcome
 from conformance.results import Recorder, ResultsFileError
 from conformance.selection import Selection, SelectionError, availability
@@ -63,6 +63,12 @@ def pytest_addoption(parser):
     group.addoption("--crash-limit", type=_positive(int), default=3, metavar="N",
                     help="after N crashed or timed-out cases in a row, a backend's remaining cases are not run "
                          "(default 3)")
+    group.addoption("--update-baselines", action="store_true",
+                    help="measure the speed cases and write them into the baselines of this GPU architecture")
+    group.addoption("--baselines-dir", default="baselines", metavar="DIR",
+                    help="where speed baselines live, one folder per GPU architecture (default: baselines)")
+    group.addoption("--memory-budget", type=_positive(float), default=None, metavar="GB",
+                    help="report the longest sequence each backend reaches within this much extra memory")
     group.addoption("--fuzz", choices=(*fuzz.PROFILES, "off"), default="ci",
                     help="hypothesis settings of the fuzz test: ci (20 examples, derandomized; default), "
                          "dev (100), thorough (1000), off")
@@ -110,6 +116,9 @@ class ConformanceSession:
         self.timeout = config.getoption("case_timeout") or DEFAULT_CASE_TIMEOUT[self.selection.tier]
         self.crash_limit = config.getoption("crash_limit")
         self.fuzz_profile = config.getoption("fuzz")
+        self.options = {"tier": self.selection.tier, "baselines_dir": config.getoption("baselines_dir"),
+                        "update_baselines": config.getoption("update_baselines"),
+                        "memory_budget_gb": config.getoption("memory_budget")}
         self.crash_streak: dict[str, int] = {}
         self._runner = None
 
@@ -126,7 +135,7 @@ class ConformanceSession:
         return None
 
     def run(self, check: str, backend, case: Case) -> Outcome:
-        outcome = self.runner().run(check, backend, case, self.selection.device, self.timeout)
+        outcome = self.runner().run(check, backend, case, self.selection.device, self.timeout, self.options)
         failed_hard = outcome.kind in (CRASHED, TIMED_OUT)
         self.crash_streak[backend.name] = self.crash_streak.get(backend.name, 0) + 1 if failed_hard else 0
         return outcome
@@ -142,6 +151,14 @@ class ConformanceSession:
             return None
         return f"{text}\n  rerun: {self.selection.rerun_command(check, backend, case)}"
 
+    def skip_reasons(self, check: str, backend, case: Case) -> list[str]:
+        """Why a case is not run, decided at collection: outside the declaration, or not measurable here."""
+        module = CHECKS[check]
+        reasons = backend.capabilities.not_supported_reasons(case, self.selection.device, module.NEEDS)
+        if not reasons and hasattr(module, "skip_reason"):
+            reasons = [r for r in [module.skip_reason(backend, case, self.selection.device, self.options)] if r]
+        return reasons
+
     # -- hooks -----------------------------------------------------------------------------------
     def pytest_report_header(self):
         s = self.selection
@@ -156,13 +173,13 @@ class ConformanceSession:
             params = []
             for case in s.cases(check.NAME):  # case-major, so backends share each case's reference
                 for backend in s.backends():
-                    reasons = backend.capabilities.not_supported_reasons(case, s.device, check.NEEDS)
+                    reasons = self.skip_reasons(check.NAME, backend, case)
                     marks = [pytest.mark.skip(reason=f"{backend.name}: {'; '.join(reasons)}")] if reasons else []
                     params.append(pytest.param(backend, case, marks=marks, id=f"{backend.name}-{case.id}"))
             metafunc.parametrize(("attn_backend", "attn_case"), params)
         elif metafunc.definition.get_closest_marker(FUZZ_MARKER) is not None:
             params = [pytest.param(backend, check, id=f"{backend.name}-{check}")
-                      for backend in s.backends() for check in CHECKS]
+                      for backend in s.backends() for check in CORRECTNESS_CHECKS]
             metafunc.parametrize(("attn_backend", "attn_fuzz_check"), params)
 
     def pytest_collection_modifyitems(self, config, items):
@@ -210,8 +227,7 @@ class ConformanceSession:
         if case is not None:
             record.update(case_id=case.id, case=dataclasses.asdict(case), rerun=s.rerun_command(check, backend, case))
         if outcome in ("skipped", "not run", "oom"):
-            record["reasons"] = learnt.get("reasons") or (
-                backend.capabilities.not_supported_reasons(case, s.device, CHECKS[check].NEEDS) if case else [])
+            record["reasons"] = learnt.get("reasons") or (self.skip_reasons(check, backend, case) if case else [])
         if "verdict" in learnt:
             record.update(learnt["verdict"].as_dict())
         if outcome in (CRASHED, TIMED_OUT):
@@ -230,7 +246,7 @@ class ConformanceSession:
         if not self.recorder.records:
             return
         terminalreporter.write_sep("=", "attention conformance")
-        for line in summary.table(self.recorder.records):
+        for line in summary.table(self.recorder.records) + summary.measurements(self.recorder.records):
             terminalreporter.write_line(line)
         if self.recorder.path:
             terminalreporter.write_line(f"results journal: {self.recorder.path}")
@@ -300,7 +316,8 @@ def attn_fuzz(request):
         @fuzz.profile(session.fuzz_profile)
         @hypothesis.given(case=strategy)
         def example(case):
-            outcome = session.runner().run(check, backend, case, session.selection.device, session.timeout)
+            outcome = session.runner().run(check, backend, case, session.selection.device, session.timeout,
+                                           session.options)
             hypothesis.assume(outcome.kind not in (UNSUPPORTED, OOM))
             failure = session.failure_text(check, backend, case, outcome)
             if failure:  # the last failure reported is the minimal one hypothesis replays

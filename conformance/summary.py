@@ -52,3 +52,26 @@ def table(records: list[dict]) -> list[str]:
             lines.append(f"main skip reasons for {b}:")
             lines += [f"  {n:>4} x {reason}" for reason, n in reasons[b].most_common(5)]
     return lines
+
+
+def measurements(records: list[dict]) -> list[str]:
+    """Memory curves and speed figures, one line per backend, case and mode."""
+    lines = []
+    for r in records:
+        m = r.get("measurements") or {}
+        if r["check"] == "memory":
+            for mode in ("fwd", "fwdbwd"):
+                if mode in m:
+                    x = m[mode]
+                    growth = f"N^{x['exponent']:.2f} ({x['measured_class']})" if "exponent" in x else "too few points"
+                    budget = (f"; longest within budget: {x['longest_within_budget']}"
+                              if "longest_within_budget" in x else "")
+                    lines.append(f"  memory {r['backend']} {r.get('case_id')} {mode}: {growth}; {x['text']}{budget}")
+        elif r["check"] == "speed":
+            for key, x in (m.get("speed") or {}).items():
+                pct = f" ({x['pct_of_peak']:.0f}% of peak)" if x.get("pct_of_peak") is not None else ""
+                judged = x.get("verdict")
+                change = f"; {100 * judged['relative_change']:+.1f}% vs baseline (relative)" if judged else ""
+                lines.append(f"  speed {r['backend']} {key}: {x['median_ms']:.3f} ms (IQR {x['iqr_ms']:.3f}), "
+                             f"{x['tflops']:.1f} TFLOP/s{pct}{change}")
+    return (["measurements:"] + lines) if lines else []

@@ -105,7 +105,7 @@ def test_bad_declaration_is_a_usage_error(pytester):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--check=speed",), "*unknown check(s) speed; known checks: forward, gradients, causal, sanity*"),
+    (("--check=sped",), "*unknown check(s) sped; known checks: forward, gradients, causal, sanity, window*"),
     (("--case=b2_q17_zz3",), "*--case: cannot read token 'zz3' of case id 'b2_q17_zz3'*"),
     (("--case=b2_q17_k17_h3_kv2_d8_fp32_seed1",), "*invalid case: nheads 3 is not a multiple of nheads_k 2*"),
 ])

@@ -3,7 +3,8 @@
 # list the backends, run the suite per backend (each with its own journal and wall time), show the
 # flash-attn build crashing at a head dim it has no kernel for, and list the backends with PyPI's
 # broken xformers wheel. Everything lands in $OUT/results.tar.gz; a short table is printed last.
-# Usage: [LIMIT=seconds per backend] tools/gpu_verify.sh "backend:tier ..."   (from the repository root)
+# Usage: [LIMIT=seconds per backend] [EXTRA="pytest options"] [EXTRAS=0] tools/gpu_verify.sh "backend:tier ..."
+# (from the repository root; EXTRAS=0 skips the crash and broken-wheel demonstrations)
 set -uo pipefail
 W=$(mktemp -d)
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
@@ -17,10 +18,11 @@ for item in ${1:-}; do
   b=${item%%:*}; tier=${item##*:}
   start=$(date +%s.%N)
   timeout "${LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider --backend="$b" --tier="$tier" --results-file="$W/$b.jsonl" \
-    > "$W/$b.log" 2>&1
+    ${EXTRA:-} > "$W/$b.log" 2>&1
   echo "$b $tier rc=$? wall=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")s" >> "$W/times.txt"
   save
 done
+[ -n "${EXTRAS:-1}" ] && [ "${EXTRAS:-1}" != 0 ] || { save; cat "$W/times.txt"; exit 0; }
 # flash-attn declared as plain flash_attn_func (head dims 1-256): head dim 256 has no kernel in this build
 python3 -m pytest -q -p no:cacheprovider --pyargs conformance.suite --backend=conformance.backends.flash:attention \
   --check=forward --case=b2_q128_k128_h4_d256_bf16_seed1,b2_q128_k128_h4_d64_bf16_seed2,b2_q128_k128_h4_d128_bf16_seed3 \

@@ -51,3 +51,13 @@ def test_kvcache(attn_backend, attn_case, attn_check):
 @pytest.mark.attention_check("determinism")
 def test_determinism(attn_backend, attn_case, attn_check):
     attn_check(attn_backend, attn_case)
+
+
+@pytest.mark.attention_check("memory")
+def test_memory(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)
+
+
+@pytest.mark.attention_check("speed")
+def test_speed(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)

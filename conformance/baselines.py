@@ -1,0 +1,93 @@
+"""Stored speed baselines, one folder per GPU architecture: baselines/<arch key>/<backend>.json.
+
+The arch key names the compute capability and the device model (``sm90-nvidia-h100-80gb-hbm3``), so a
+baseline recorded on one GPU is never used on another. Cases are keyed by their stable id (the
+benchmark mode and the case id), never by pytest node ids. Files are JSON, self-describing (schema,
+arch, machine info with versions), validated on reading, and written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+SCHEMA = 1
+
+
+class BaselineError(Exception):
+    """A baseline file that is corrupt, of another schema, or recorded on another architecture."""
+
+
+def arch_key(device: str) -> str:
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        name = torch.cuda.get_device_name()
+        return f"sm{major}{minor}-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    cpu = platform.processor() or platform.machine()
+    return "cpu-" + re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")
+
+
+def machine_info(device: str) -> dict:
+    """GPU model, compute capability, driver, CUDA, cuDNN, torch and backend package versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = {"arch": arch_key(device), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device == "cuda" else None}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
+                    memory_gb=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count)
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:  # noqa: BLE001 - the driver version is informative, not required
+            info["driver"] = None
+    for package in ("flash-attn", "xformers", "triton"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            info[package] = None
+    return info
+
+
+def path(directory: str | os.PathLike, arch: str, backend: str) -> Path:
+    return Path(directory) / arch / (re.sub(r"[^A-Za-z0-9_.-]+", "_", backend) + ".json")
+
+
+def load(file: Path, arch: str) -> dict | None:
+    """The baseline in ``file``, None when there is none; a BaselineError says what is wrong with it."""
+    if not file.exists():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BaselineError(f"baseline {file} is not valid JSON ({exc}); fix or remove it") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("cases"), dict):
+        raise BaselineError(f"baseline {file} is not a schema-{SCHEMA} baseline (schema {data.get('schema') if isinstance(data, dict) else None!r})")
+    if data.get("arch") != arch:
+        raise BaselineError(f"baseline {file} was recorded on {data.get('arch')!r}, not this GPU ({arch}): not used")
+    return data
+
+
+def save(file: Path, data: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename over the old one."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,82 @@
+"""Long-sequence memory: the peak extra memory of the forward, and of forward+backward, at growing
+sequence lengths; the growth exponent is fitted and compared with the declared memory class. A backend
+declared linear whose memory grows quadratically fails, with the measured curve in the message.
+Out of memory at a length is a measurement ("OOM at 32768"), not an error; so is a length past the
+time limit. The longest length within ``--memory-budget`` is reported.
+"""
+
+from __future__ import annotations
+
+import time
+
+from conformance import memory, tiers
+from conformance.backend import Backend, OutOfMemory, call, classify
+from conformance.case import Case
+from conformance.inputs import make_inputs
+from conformance.verdict import Verdict
+
+NAME = "memory"
+NEEDS: tuple[str, ...] = ()
+CASE_FEATURE = None  # the case feature the check exercises: every case (fuzzed too) has it
+SWEEPS = {  # sequence lengths by device and tier
+    "cpu": {"quick": (256, 512, 1024), "standard": (256, 512, 1024, 2048), "full": (256, 512, 1024, 2048, 4096)},
+    "cuda": {"quick": (1024, 2048, 4096, 8192), "standard": (1024, 2048, 4096, 8192, 16384, 32768),
+             "full": (1024, 2048, 4096, 8192, 16384, 32768, 65536)},
+}
+LINEAR_LIMIT = 1.5  # a backend declared linear fails above this exponent
+TIME_LIMIT_S = 60.0  # a length whose measurement takes longer ends the sweep
+
+
+def cases(tier: str) -> list[Case]:
+    """Templates; the sweep sets the sequence length. One head group as the lab's GPT-2 Medium has."""
+    base = Case(batch=1, seqlen_q=1024, seqlen_k=1024, nheads=16, head_dim=64, dtype="fp16", seed=3)
+    return tiers.grid(tier, [base, base.replace(causal="bottom_right")], [base.replace(dtype="bf16", head_dim=128)])
+
+
+def _sweep(backend: Backend, case: Case, device: str, lengths, backward: bool) -> tuple[list, str | None]:
+    points, stopped = [], None
+    for n in lengths:
+        sized = case.replace(seqlen_q=n, seqlen_k=n)
+        start = time.perf_counter()
+        try:
+            inputs = make_inputs(sized, device, requires_grad=backward)
+
+            def work():
+                out = call(backend, inputs.q, inputs.k, inputs.v, sized)
+                if backward:
+                    out.backward(inputs.dout)
+                return out
+
+            points.append((n, memory.peak_extra_bytes(work, device)))
+        except Exception as exc:  # noqa: BLE001 - out of memory is a measurement, anything else a failure
+            if classify(exc) is not OutOfMemory:
+                raise
+            return points, f"OOM at {n}"
+        finally:
+            inputs = None
+        if time.perf_counter() - start > TIME_LIMIT_S:
+            return points, f"stopped after {n}: one measurement took over {TIME_LIMIT_S:g} s"
+    return points, stopped
+
+
+def run(backend: Backend, case: Case, device: str, options: dict | None = None) -> Verdict:
+    options = options or {}
+    verdict = Verdict(NAME, backend.name, case, device)
+    lengths = SWEEPS[device][options.get("tier", "standard")]
+    budget = options.get("memory_budget_gb")
+    for mode in ("fwd", "fwdbwd") if backend.capabilities.backward else ("fwd",):
+        points, stopped = _sweep(backend, case, device, lengths, mode == "fwdbwd")
+        result = {"curve": [[n, b] for n, b in points], "stopped": stopped}
+        curve = ", ".join(f"{n}: {b / 2**20:.1f} MiB" for n, b in points) + (f", {stopped}" if stopped else "")
+        if len(points) >= 2:
+            exponent = memory.growth_exponent(points[-3:])
+            result.update(exponent=exponent, measured_class=memory.memory_class(exponent))
+            if backend.capabilities.memory == "linear" and exponent > LINEAR_LIMIT:
+                verdict.fail("memory-growth", f"{mode}: declared linear, but peak extra memory grows as N^{exponent:.2f} "
+                                              f"({result['measured_class']}): {curve}")
+        if budget:
+            within = [n for n, b in points if b <= budget * 2**30]
+            result["longest_within_budget"] = max(within) if within else None
+        result["text"] = curve
+        verdict.measurements[mode] = result
+    return verdict
