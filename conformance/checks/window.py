@@ -25,6 +25,7 @@ def cases(tier: str) -> list[Case]:
         b.replace(window=(32, -1), causal="bottom_right"),
         b.replace(seqlen_q=65, seqlen_k=129, window=(10, 5)),
         b.replace(seqlen_q=129, seqlen_k=65, window=(3, 3)),
+        b.replace(seqlen_q=129, seqlen_k=65, window=(16, -1), dtype="bf16"),  # unbounded right, seqlen_q > seqlen_k
         b.replace(seqlen_q=129, seqlen_k=129, window=(-1, 7), dtype="fp16"),
         b.replace(seqlen_q=65, seqlen_k=65, window=(0, 0), dtype="bf16", nheads=8, nheads_k=2),
     ]
