@@ -12,7 +12,7 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$W/install.log" 2>&1 || { cat "$W/install.log"; exit 1; }
 { nvidia-smi -L; python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "triton", triton.__version__)'; } > "$W/machine.txt" 2>&1
 python3 -m pytest -p no:cacheprovider --list-backends > "$W/list-backends.txt" 2>&1
-save() { tar -czf "$OUT/results.tar.gz" -C "$W" .; }  # after every step: a run cut short keeps what it did
+save() { tar -czf "$OUT/${NAME:-results}.tar.gz" -C "$W" .; }  # after every step: a run cut short keeps what it did
 save
 for item in ${1:-}; do
   b=${item%%:*}; tier=${item##*:}
