@@ -2,11 +2,11 @@
 noise-aware per-case verdict against a stored baseline.
 
 The verdict is judged twice. Absolute: the case's median against the baseline's. Relative: the
-case's median divided by the median of a reference kernel (a dense matrix product) measured in the
-same run, against the same ratio in the baseline; clock and thermal drift between runs moves both
-and cancels in the ratio. The relative verdict gates (fails the case); the absolute one is reported.
-A case is slower when its change exceeds the larger of MIN_SLOWDOWN and twice the relative spread
-(IQR / median) of the two measurements, averaged.
+case's median divided by the median of a reference kernel (a dense matrix product) timed interleaved
+with the case, repeat by repeat, against the same ratio in the baseline; clock and thermal drift moves
+both and cancels in the ratio. The relative verdict gates (fails the case); the absolute one is
+reported. A case is slower when its change exceeds the larger of MIN_SLOWDOWN and three standard
+errors of the change, each median's standard error estimated as 1.253 * (IQR / 1.349) / sqrt(rounds).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import functools
 import torch
 
 from conformance.case import Case
-from conformance.timing import summarize, time_calls
 
 MIN_SLOWDOWN = 0.05
 # Dense FP16/BF16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity).
@@ -38,34 +37,36 @@ def peak_tflops(device: str) -> float | None:
 
 
 @functools.cache
-def reference_kernel(device: str) -> dict:
-    """The same-run yardstick: a bf16 8192³ matrix product on CUDA (float32 512³ on the CPU)."""
-    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (512, torch.float32)
+def reference_kernel(device: str):
+    """The same-run yardstick: a bf16 4096³ matrix product on CUDA (float32 256³ on the CPU)."""
+    n, dtype = (4096, torch.bfloat16) if device == "cuda" else (256, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    samples, _ = time_calls(lambda i: a @ b, device, budget_s=0.3)
-    return {"name": f"{dtype} matmul {n}^3", **summarize(samples)}
+    return f"{dtype} matmul {n}^3", lambda: a @ b
 
 
 def record(stats: dict, reference: dict) -> dict:
-    """A baseline entry: the case's statistics with the reference kernel measured in the same run."""
+    """A baseline entry: the case's statistics with the reference kernel's, timed interleaved."""
     return {**stats, "ratio": stats["median_ms"] / reference["median_ms"],
-            "reference_median_ms": reference["median_ms"], "reference_iqr_ms": reference["iqr_ms"]}
+            "reference_median_ms": reference["median_ms"], "reference_iqr_ms": reference["iqr_ms"],
+            "reference_rounds": reference["rounds"]}
+
+
+def _relative_se(median: float, iqr: float, rounds: int) -> float:
+    """Relative standard error of a median: 1.253 sigma / sqrt(n), sigma estimated as IQR / 1.349."""
+    return 1.253 * (iqr / 1.349) / (max(rounds, 1) ** 0.5) / median if median else 0.0
 
 
 def judge(current: dict, baseline: dict) -> dict:
     """Both verdicts for one entry (``record``) against its baseline entry; 'slower' is the gating one."""
-    def rel_spread(median, iqr):
-        return iqr / median if median else 0.0
-
-    case_spread = rel_spread(current["median_ms"], current["iqr_ms"]) + rel_spread(baseline["median_ms"],
-                                                                                    baseline["iqr_ms"])
+    case_se = [_relative_se(e["median_ms"], e["iqr_ms"], e["rounds"]) for e in (current, baseline)]
+    ref_se = [_relative_se(e["reference_median_ms"], e["reference_iqr_ms"], e.get("reference_rounds", e["rounds"]))
+              for e in (current, baseline)]
     absolute = current["median_ms"] / baseline["median_ms"] - 1
-    abs_threshold = max(MIN_SLOWDOWN, case_spread)
+    abs_threshold = max(MIN_SLOWDOWN, 3 * sum(x * x for x in case_se) ** 0.5)
     ratio_now, ratio_then = current["ratio"], baseline["ratio"]
     relative = ratio_now / ratio_then - 1
-    rel_threshold = max(MIN_SLOWDOWN, case_spread + rel_spread(current["reference_median_ms"], current["reference_iqr_ms"])
-                        + rel_spread(baseline["reference_median_ms"], baseline["reference_iqr_ms"]))
+    rel_threshold = max(MIN_SLOWDOWN, 3 * sum(x * x for x in case_se + ref_se) ** 0.5)
     return {"absolute_change": absolute, "absolute_threshold": abs_threshold, "absolute_slower": absolute > abs_threshold,
             "relative_change": relative, "relative_threshold": rel_threshold, "slower": relative > rel_threshold,
             "ratio": ratio_now, "baseline_ratio": ratio_then}

@@ -1,13 +1,17 @@
 """Timing the way kernel engineers do: warm-up, many repeats, the median and its spread.
 
-On CUDA each repeat flushes the L2 cache (zeroing a buffer larger than it), then times the call with
-device events, the end event recorded after a device-wide synchronize so that work a kernel leaves on
-a side stream is counted. On the CPU, perf_counter around the call. Statistics come from
-pytest-benchmark's ``Stats`` (median, quartiles, IQR).
+On CUDA each repeat flushes the L2 cache (zeroing a buffer larger than it) and queues a short GPU
+sleep, so that the host has launched the whole call before the GPU reaches the start event (the
+call's Python overhead is not timed, as in triton.testing.do_bench); the end event is recorded after a
+device-wide synchronize, so work a kernel leaves on a side stream is counted, and the latency of that
+synchronize, measured once on an empty call, is subtracted. A reference callable can be timed
+interleaved with the case, repeat by repeat, so that both see the same clocks. On the CPU,
+perf_counter around the call. Statistics come from pytest-benchmark's ``Stats``.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -15,6 +19,7 @@ import torch
 from pytest_benchmark.stats import Stats
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # above any current GPU's L2 (H100: 50 MB)
+LAUNCH_SLACK_CYCLES = 2_000_000  # about 1 ms of GPU sleep at 2 GHz, ahead of each timed call
 
 
 def summarize(samples_ms: list[float]) -> dict:
@@ -25,38 +30,58 @@ def summarize(samples_ms: list[float]) -> dict:
             "min_ms": stats.min, "rounds": stats.rounds}
 
 
+def _cuda_once(fn, flush, latency_ms: float = 0.0) -> tuple[float, object]:
+    flush.zero_()
+    torch.cuda._sleep(LAUNCH_SLACK_CYCLES)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    result = fn()
+    torch.cuda.synchronize()  # device-wide: side streams included
+    end.record()
+    end.synchronize()
+    return max(start.elapsed_time(end) - latency_ms, 0.0), result
+
+
+@functools.cache
+def _sync_latency_ms() -> float:
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    samples = sorted(_cuda_once(lambda: None, flush)[0] for _ in range(50))
+    return samples[len(samples) // 2]
+
+
 def time_calls(fn: Callable[[int], object], device: str, *, warmup: int = 3, budget_s: float = 0.4,
-               min_reps: int = 10, max_reps: int = 100, before: Callable[[int], None] | None = None
-               ) -> tuple[list[float], list]:
-    """Times ``fn(i)`` for repeat i; ``before(i)`` runs untimed first (resetting gradients, say).
-    Returns the samples in ms and the results of the last three repeats, to be checked."""
+               min_reps: int = 10, max_reps: int = 100, before: Callable[[int], None] | None = None,
+               reference: Callable[[], object] | None = None) -> tuple[list[float], list[float], list]:
+    """Times ``fn(i)`` for repeat i; ``before(i)`` runs untimed first (resetting gradients, say), and
+    ``reference()`` is timed after each repeat. Returns the samples in ms, the reference's samples,
+    and the results of the last three repeats, to be checked."""
     cuda = device == "cuda"
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if cuda else None
+    latency = _sync_latency_ms() if cuda else 0.0
+
+    def timed(call):
+        if cuda:
+            return _cuda_once(call, flush, latency)
+        t0 = time.perf_counter()
+        result = call()
+        return (time.perf_counter() - t0) * 1e3, result
 
     def once(i: int) -> tuple[float, object]:
         if before is not None:
             before(i)
-        if cuda:
-            flush.zero_()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = fn(i)
-            torch.cuda.synchronize()  # device-wide: side streams included
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end), result
-        t0 = time.perf_counter()
-        result = fn(i)
-        return (time.perf_counter() - t0) * 1e3, result
+        return timed(lambda: fn(i))
 
     for i in range(warmup):
         once(i)
+        if reference is not None:
+            timed(reference)
     first, _ = once(warmup)
     reps = max(min_reps, min(max_reps, int(budget_s * 1e3 / max(first, 1e-3))))
-    samples, last = [], []
+    samples, reference_samples, last = [], [], []
     for i in range(reps):
         elapsed, result = once(i)
         samples.append(elapsed)
         last = (last + [result])[-3:]
-    return samples, last
+        if reference is not None:
+            reference_samples.append(timed(reference)[0])
+    return samples, reference_samples, last

@@ -63,11 +63,13 @@ def test_two_times_slower_backend_fails_against_the_recorded_baseline(tmp_path):
 
 
 def test_verdict_logic_on_recorded_timings():
-    base = speed.record({"median_ms": 1.00, "iqr_ms": 0.01}, {"median_ms": 2.0, "iqr_ms": 0.02})
-    same = speed.record({"median_ms": 1.01, "iqr_ms": 0.01}, {"median_ms": 2.0, "iqr_ms": 0.02})
-    ten = speed.record({"median_ms": 1.10, "iqr_ms": 0.01}, {"median_ms": 2.0, "iqr_ms": 0.02})
-    drift = speed.record({"median_ms": 1.10, "iqr_ms": 0.01}, {"median_ms": 2.2, "iqr_ms": 0.02})  # GPU 10% slower
-    noisy = speed.record({"median_ms": 1.10, "iqr_ms": 0.20}, {"median_ms": 2.0, "iqr_ms": 0.02})
+    def entry(median, iqr, ref_median=2.0, rounds=100):
+        return speed.record({"median_ms": median, "iqr_ms": iqr, "rounds": rounds},
+                            {"median_ms": ref_median, "iqr_ms": 0.02, "rounds": rounds})
+
+    base, same, ten = entry(1.00, 0.01), entry(1.01, 0.01), entry(1.10, 0.01)
+    drift = entry(1.10, 0.01, ref_median=2.2)  # the whole GPU 10% slower: clocks, not the kernel
+    noisy = entry(1.10, 1.20, rounds=10)  # a spread so wide that 10% is within its standard error
     assert not speed.judge(same, base)["slower"]
     assert speed.judge(ten, base)["slower"] and speed.judge(ten, base)["absolute_slower"]
     drifted = speed.judge(drift, base)

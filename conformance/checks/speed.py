@@ -89,7 +89,8 @@ def _check_rows(backend: Backend, case: Case, inputs: Inputs, out: torch.Tensor,
 
 
 def measure(backend: Backend, case: Case, device: str, mode: str, verdict: Verdict) -> dict:
-    """Time one mode of one case; the timed results are checked into ``verdict``."""
+    """Time one mode of one case, interleaved with the reference kernel; the timed results are
+    checked into ``verdict``. Returns the baseline entry (``speed.record``) with TFLOP/s."""
     backward = mode == "fwdbwd"
     sets = [make_inputs(case.replace(seed=case.seed + s), device, requires_grad=backward) for s in range(3)]
 
@@ -105,10 +106,12 @@ def measure(backend: Backend, case: Case, device: str, mode: str, verdict: Verdi
         for t in (sets[i % 3].q, sets[i % 3].k, sets[i % 3].v):
             t.grad = None
 
-    samples, last = time_calls(run, device, before=reset if backward else None)
+    _, reference = speed.reference_kernel(device)
+    samples, reference_samples, last = time_calls(run, device, before=reset if backward else None,
+                                                  reference=reference)
     for index, out, dq in last:
         _check_rows(backend, case, sets[index], out, dq, verdict, mode)
-    stats = summarize(samples)
+    stats = speed.record(summarize(samples), summarize(reference_samples))
     tflops = speed.flops(case, mode) / (stats["median_ms"] * 1e9)
     peak = speed.peak_tflops(device)
     return {**stats, "tflops": tflops, "pct_of_peak": None if peak is None else 100 * tflops / peak}
@@ -117,12 +120,11 @@ def measure(backend: Backend, case: Case, device: str, mode: str, verdict: Verdi
 def run(backend: Backend, case: Case, device: str, options: dict | None = None) -> Verdict:
     options = options or {}
     verdict = Verdict(NAME, backend.name, case, device)
-    reference = speed.reference_kernel(device)
     file, arch = baseline_file(backend, device, options)
     stored = baselines.load(file, arch)
     measured = {}
     for mode in modes(backend):
-        m = measured[key(mode, case)] = speed.record(measure(backend, case, device, mode, verdict), reference)
+        m = measured[key(mode, case)] = measure(backend, case, device, mode, verdict)
         base = None if stored is None else stored["cases"].get(key(mode, case))
         if base is not None and not options.get("update_baselines"):
             judged = m["verdict"] = speed.judge(m, base)
@@ -131,10 +133,11 @@ def run(backend: Backend, case: Case, device: str, options: dict | None = None) 
                              f"the reference kernel (gating; threshold {100 * judged['relative_threshold']:.1f}%), "
                              f"{100 * judged['absolute_change']:+.1f}% in absolute time; median {m['median_ms']:.4f} ms "
                              f"(IQR {m['iqr_ms']:.4f}) vs baseline {base['median_ms']:.4f} ms (IQR {base['iqr_ms']:.4f})")
-    verdict.measurements.update(speed=measured, reference_kernel=reference, baseline_file=str(file))
+    verdict.measurements.update(speed=measured, reference_kernel=speed.reference_kernel(device)[0],
+                                baseline_file=str(file))
     if options.get("update_baselines") and verdict.passed:
         data = stored or {"schema": baselines.SCHEMA, "arch": arch, "backend": backend.name, "cases": {}}
-        data.update(machine_info=baselines.machine_info(device), reference_kernel=reference["name"])
+        data.update(machine_info=baselines.machine_info(device), reference_kernel=speed.reference_kernel(device)[0])
         data["cases"].update(measured)
         baselines.save(file, data)
     return verdict
