@@ -4,6 +4,9 @@
     attn-conformance list-backends          every known backend, available here or why not
     attn-conformance summary [JOURNAL]      the verdict table rebuilt from a results journal alone
                                             (default conformance-results.jsonl)
+    attn-conformance certify [--out DIR] [--size full|tiny] [--memory-budget GB]
+                                            is this machine ready for the FlashAttention lab? a report
+                                            in DIR (default certification/); exit 0 only if certified
 """
 
 from __future__ import annotations
@@ -25,6 +28,19 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join(backend_listing()))
         return 0
+    if command == "certify":
+        import argparse
+
+        from conformance.certify.run import certify
+
+        parser = argparse.ArgumentParser(prog="attn-conformance certify")
+        parser.add_argument("--out", default="certification")
+        parser.add_argument("--size", choices=("full", "tiny"), default="full")
+        parser.add_argument("--memory-budget", type=float, default=16.0)
+        args = parser.parse_args(argv)
+        from pathlib import Path
+
+        return certify(Path(args.out), args.size, args.memory_budget)
     if command == "summary":
         return _summary(argv[0] if argv else "conformance-results.jsonl")
     print(USAGE, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)

@@ -21,15 +21,17 @@ class Inputs:
 
 
 def make_inputs(case: Case, device: str | torch.device, *, requires_grad: bool = False,
-                seed_offset: int = 0) -> Inputs:
+                seed_offset: int = 0, draw_on_device: bool = False) -> Inputs:
     """q, k, v in the case's layout (views into shared storage for 'packed' and 'bhsd') and an upstream
-    gradient. ``seed_offset`` draws another input set of the same case (used to catch stale results)."""
-    gen = torch.Generator().manual_seed(case.seed * 1000 + seed_offset)
+    gradient. ``seed_offset`` draws another input set of the same case (used to catch stale results).
+    Numbers are drawn on the CPU, the same on every device, unless ``draw_on_device`` (the timing and
+    memory sweeps, whose inputs reach hundreds of MB, only need them random)."""
+    gen = torch.Generator(device=device if draw_on_device else "cpu").manual_seed(case.seed * 1000 + seed_offset)
     b, sq, sk, h, hk, d = case.batch, case.seqlen_q, case.seqlen_k, case.nheads, case.nheads_k, case.head_dim
     dtype = case.torch_dtype
 
     def draw(*shape, std=1.0):
-        return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=gen, device=gen.device) * std).to(device=device, dtype=dtype)
 
     if case.layout == "packed":
         qkv = torch.cat([draw(b, sq, h, d, std=case.magnitude), draw(b, sq, hk, d, std=case.magnitude),

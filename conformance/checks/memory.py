@@ -39,7 +39,7 @@ def _sweep(backend: Backend, case: Case, device: str, lengths, backward: bool) -
         sized = case.replace(seqlen_q=n, seqlen_k=n)
         start = time.perf_counter()
         try:
-            inputs = make_inputs(sized, device, requires_grad=backward)
+            inputs = make_inputs(sized, device, requires_grad=backward, draw_on_device=True)
 
             def work():
                 out = call(backend, inputs.q, inputs.k, inputs.v, sized)

@@ -92,7 +92,8 @@ def measure(backend: Backend, case: Case, device: str, mode: str, verdict: Verdi
     """Time one mode of one case, interleaved with the reference kernel; the timed results are
     checked into ``verdict``. Returns the baseline entry (``speed.record``) with TFLOP/s."""
     backward = mode == "fwdbwd"
-    sets = [make_inputs(case.replace(seed=case.seed + s), device, requires_grad=backward) for s in range(3)]
+    sets = [make_inputs(case.replace(seed=case.seed + s), device, requires_grad=backward, draw_on_device=True)
+            for s in range(3)]
 
     def run(i):
         inputs = sets[i % 3]

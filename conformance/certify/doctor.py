@@ -1,0 +1,115 @@
+"""The environment doctor: versions, the GPU, which backends are usable and why not, and the setup
+problems the lab notes warn about, recognised and explained with their fix."""
+
+from __future__ import annotations
+
+import platform
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+from conformance.selection import availability
+
+PACKAGES = ("torch", "triton", "flash-attn", "xformers", "transformers")
+
+
+@dataclass
+class Problem:
+    level: str  # "fail" blocks certification, "warn" does not
+    topic: str
+    text: str
+    fix: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cuda_runtime": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None, "gpus": []}
+    for package in PACKAGES:
+        try:
+            env[package] = version(package)
+        except PackageNotFoundError:
+            env[package] = None
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            env["gpus"].append({"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
+                                "compute_capability": f"{props.major}.{props.minor}"})
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:  # noqa: BLE001 - informative only
+            env["driver"] = None
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        match = re.search(r"release (\d+\.\d+)", out)
+        env["nvcc"] = match.group(1) if match else None
+    return env
+
+
+def backends() -> list[dict]:
+    rows = []
+    for backend, reasons in availability():
+        name = backend if isinstance(backend, str) else backend.name
+        rows.append({"name": name, "usable": not reasons, "reasons": reasons,
+                     "devices": [] if isinstance(backend, str) else sorted(backend.capabilities.devices)})
+    return rows
+
+
+def problems(env: dict, rows: list[dict]) -> list[Problem]:
+    """The known setup problems present on this machine."""
+    found = []
+    if not env["gpus"]:
+        found.append(Problem("fail", "no GPU", f"torch {env['torch']} sees no CUDA GPU: GPU certification needs a GPU; "
+                             "only the CPU backends were checked", "run certify on the lab machine, with a CUDA "
+                             "build of torch (torch.version.cuda is None on a CPU build)"))
+    for gpu in env["gpus"]:
+        major, minor = map(int, gpu["compute_capability"].split("."))
+        if (major, minor) < (8, 0):
+            found.append(Problem("fail", "GPU too old for flash-attn", f"{gpu['name']} has compute capability "
+                                 f"{major}.{minor}; flash-attn 2.x needs 8.0 (Ampere) or newer. The lab notes' "
+                                 "'compute capability 7.5+' is out of date.", "use an A100/H100/RTX 30xx or newer, "
+                                 "or the SDPA memory-efficient / math backends on this GPU"))
+    if env.get("nvcc") and env["cuda_runtime"] and env["nvcc"].split(".")[0] != env["cuda_runtime"].split(".")[0]:
+        found.append(Problem("warn", "CUDA version mismatch", f"torch is built for CUDA {env['cuda_runtime']}, the "
+                             f"system toolkit (nvcc) is {env['nvcc']}: building flash-attn from source will fail "
+                             "or mismatch", "install the toolkit matching torch.version.cuda, or a prebuilt wheel"))
+    for row in rows:
+        text = " ".join(row["reasons"])
+        if re.search(r"built for|undefined symbol|can't load C\+\+/CUDA extensions|ABI", text):
+            found.append(Problem("warn", f"{row['name']} built for another torch or Python", text[:600],
+                                 f"reinstall {row['name']} built for torch {env['torch']} and Python {env['python']} "
+                                 "(pip install --no-build-isolation from source; MAX_JOBS=2 if the build runs out "
+                                 "of memory)"))
+        elif "no kernel image" in text:
+            found.append(Problem("warn", f"{row['name']} has no kernels for this GPU", text[:400],
+                                 "install a build whose TORCH_CUDA_ARCH_LIST includes this GPU's compute capability"))
+    return found
+
+
+LAYOUT_HINT = ("flash-attn takes (batch, seqlen, heads, head_dim); SDPA and many tutorials use (batch, heads, "
+               "seqlen, head_dim). A tensor in the wrong layout runs, silently, as a different problem, or fails "
+               "with 'FlashAttention only supports ...'. Fix: q.transpose(1, 2) (and back for the output).")
+
+
+def explain_findings(conformance_records: list[dict]) -> list[Problem]:
+    """Known problems recognised in the conformance run's findings."""
+    found = []
+    for r in conformance_records:
+        for f in r.get("findings", []):
+            message = f.get("message", "")
+            if "(batch, heads, seqlen, head_dim)" in message or "FlashAttention only supports" in message:
+                found.append(Problem("fail", f"{r['backend']}: layout mistake", message[:300], LAYOUT_HINT))
+            elif "no kernel image is available" in message:
+                found.append(Problem("fail", f"{r['backend']}: no kernels for this GPU", message[:300],
+                                     "install a build for this GPU's compute capability"))
+    return found
