@@ -87,6 +87,7 @@ def save(file: Path, data: dict) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a baseline is meant to be committed and shared
         os.replace(tmp, file)
     except BaseException:
         os.unlink(tmp)

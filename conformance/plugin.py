@@ -105,6 +105,17 @@ def pytest_configure(config):
     config.pluginmanager.register(session, "attention-conformance-session")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """pytest-benchmark's machine info knows no GPU: add what our baselines record (model, compute
+    capability, driver, CUDA, cuDNN, torch and backend package versions) to any benchmark it saves."""
+    import torch
+
+    from conformance.baselines import machine_info as gpu_machine_info
+
+    machine_info["attention_conformance"] = gpu_machine_info("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class ConformanceSession:
     def __init__(self, config):
         self.config = config

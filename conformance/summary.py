@@ -71,7 +71,8 @@ def measurements(records: list[dict]) -> list[str]:
             for key, x in (m.get("speed") or {}).items():
                 pct = f" ({x['pct_of_peak']:.0f}% of peak)" if x.get("pct_of_peak") is not None else ""
                 judged = x.get("verdict")
-                change = f"; {100 * judged['relative_change']:+.1f}% vs baseline (relative)" if judged else ""
+                change = (f"; vs baseline {100 * judged['absolute_change']:+.1f}%, {100 * judged['relative_change']:+.1f}% "
+                          f"relative to the reference kernel" if judged else "")
                 lines.append(f"  speed {r['backend']} {key}: {x['median_ms']:.3f} ms (IQR {x['iqr_ms']:.3f}), "
                              f"{x['tflops']:.1f} TFLOP/s{pct}{change}")
     return (["measurements:"] + lines) if lines else []

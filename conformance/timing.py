@@ -4,14 +4,16 @@ On CUDA each repeat flushes the L2 cache (zeroing a buffer larger than it) and q
 sleep, so that the host has launched the whole call before the GPU reaches the start event (the
 call's Python overhead is not timed, as in triton.testing.do_bench); the end event is recorded after a
 device-wide synchronize, so work a kernel leaves on a side stream is counted, and the latency of that
-synchronize, measured once on an empty call, is subtracted. A reference callable can be timed
-interleaved with the case, repeat by repeat, so that both see the same clocks. On the CPU,
-perf_counter around the call. Statistics come from pytest-benchmark's ``Stats``.
+synchronize, measured on empty calls at the start of each measurement, is subtracted. A reference
+callable can be timed in two blocks, just before and just after the case's repeats, so that both see
+the machine in the same state; not interleaved repeat by repeat, because on an H100 a large matrix
+product right before each repeat slowed a 0.5 ms causal attention forward by up to 9% (its power
+draw lowers the clocks the next kernel starts at). On the CPU, perf_counter around the call.
+Statistics come from pytest-benchmark's ``Stats``.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 
@@ -42,22 +44,22 @@ def _cuda_once(fn, flush, latency_ms: float = 0.0) -> tuple[float, object]:
     return max(start.elapsed_time(end) - latency_ms, 0.0), result
 
 
-@functools.cache
-def _sync_latency_ms() -> float:
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    samples = sorted(_cuda_once(lambda: None, flush)[0] for _ in range(50))
+def _sync_latency_ms(flush) -> float:
+    samples = sorted(_cuda_once(lambda: None, flush)[0] for _ in range(30))
     return samples[len(samples) // 2]
 
 
 def time_calls(fn: Callable[[int], object], device: str, *, warmup: int = 3, budget_s: float = 0.4,
                min_reps: int = 10, max_reps: int = 100, before: Callable[[int], None] | None = None,
-               reference: Callable[[], object] | None = None) -> tuple[list[float], list[float], list]:
+               reference: Callable[[], object] | None = None, reference_reps: int = 15,
+               ) -> tuple[list[float], list[float], list]:
     """Times ``fn(i)`` for repeat i; ``before(i)`` runs untimed first (resetting gradients, say), and
-    ``reference()`` is timed after each repeat. Returns the samples in ms, the reference's samples,
-    and the results of the last three repeats, to be checked."""
+    ``reference()`` is timed ``reference_reps`` times before and as many after the repeats. Returns
+    the samples in ms, the reference's samples, and the results of the last three repeats, to be
+    checked."""
     cuda = device == "cuda"
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if cuda else None
-    latency = _sync_latency_ms() if cuda else 0.0
+    latency = _sync_latency_ms(flush) if cuda else 0.0
 
     def timed(call):
         if cuda:
@@ -71,17 +73,18 @@ def time_calls(fn: Callable[[int], object], device: str, *, warmup: int = 3, bud
             before(i)
         return timed(lambda: fn(i))
 
+    def reference_block() -> list[float]:
+        return [timed(reference)[0] for _ in range(reference_reps)] if reference is not None else []
+
     for i in range(warmup):
         once(i)
-        if reference is not None:
-            timed(reference)
+    reference_block()  # its warm-up
     first, _ = once(warmup)
     reps = max(min_reps, min(max_reps, int(budget_s * 1e3 / max(first, 1e-3))))
-    samples, reference_samples, last = [], [], []
+    reference_samples = reference_block()
+    samples, last = [], []
     for i in range(reps):
         elapsed, result = once(i)
         samples.append(elapsed)
         last = (last + [result])[-3:]
-        if reference is not None:
-            reference_samples.append(timed(reference)[0])
-    return samples, reference_samples, last
+    return samples, reference_samples + reference_block(), last

@@ -69,11 +69,18 @@ def test_verdict_logic_on_recorded_timings():
 
     base, same, ten = entry(1.00, 0.01), entry(1.01, 0.01), entry(1.10, 0.01)
     drift = entry(1.10, 0.01, ref_median=2.2)  # the whole GPU 10% slower: clocks, not the kernel
+    overcorrected = entry(1.15, 0.01, ref_median=2.58)  # seen on an H100: case +15%, matrix product +29%
+    faster_ratio_only = entry(1.00, 0.01, ref_median=1.8)  # the reference sped up, the case did not change
     noisy = entry(1.10, 1.20, rounds=10)  # a spread so wide that 10% is within its standard error
     assert not speed.judge(same, base)["slower"]
-    assert speed.judge(ten, base)["slower"] and speed.judge(ten, base)["absolute_slower"]
-    drifted = speed.judge(drift, base)
-    assert drifted["absolute_slower"] and not drifted["slower"]  # the gating ratio sees through clock drift
+    judged = speed.judge(ten, base)
+    assert judged["slower"] and judged["absolute_slower"] and judged["relative_slower"]
+    assert abs(judged["absolute_change"] - 0.10) < 1e-9 and abs(judged["reference_change"]) < 1e-9
+    drifted = speed.judge(drift, base)  # gated on absolute time; the report shows the machine moved too
+    assert drifted["slower"] and not drifted["relative_slower"] and abs(drifted["reference_change"] - 0.10) < 1e-9
+    assert speed.judge(overcorrected, base)["slower"]  # the ratio would call it 10% faster: not trusted to gate
+    ratio_only = speed.judge(faster_ratio_only, base)
+    assert ratio_only["relative_slower"] and not ratio_only["slower"]  # not slower in time: no failure
     assert not speed.judge(noisy, base)["slower"]  # within a spread of 20%
 
 

@@ -217,3 +217,10 @@ def test_every_check_has_a_test_in_the_suite():
     marked = {m.args[0] for name in dir(suite) if name.startswith("test_")
               for m in getattr(getattr(suite, name), "pytestmark", []) if m.name == "attention_check"}
     assert marked == set(CHECKS)
+
+
+def test_pytest_benchmark_machine_info_gains_the_gpu_facts(pytester):
+    pytester.makepyfile(test_b="def test_x(benchmark):\n    benchmark(lambda: sum(range(10)))\n")
+    pytester.runpytest("-p", "no:cacheprovider", "--benchmark-json=bench.json").assert_outcomes(passed=1)
+    info = json.loads((pytester.path / "bench.json").read_text())["machine_info"]["attention_conformance"]
+    assert {"arch", "torch", "cuda", "cudnn", "flash-attn", "xformers", "triton"} <= set(info)
