@@ -11,7 +11,7 @@ import dataclasses
 import hypothesis
 import pytest
 
-from conformance import fuzz, isolation, summary, tiers
+from conformance import fuzz, isolation, summary, tiers, workers
 from conformance.case import Case
 from conformance.checks import CHECKS, CORRECTNESS_CHECKS
 from conformance.isolation import CRASHED, OOM, TIMED_OUT, UNSUPPORTED, Outcome
@@ -97,12 +97,35 @@ def backend_listing() -> list[str]:
 def pytest_configure(config):
     config.addinivalue_line("markers", f"{CHECK_MARKER}(name): a conformance test of the named check")
     config.addinivalue_line("markers", f"{FUZZ_MARKER}: the property-based conformance test")
+    workerinput = getattr(config, "workerinput", None)  # set in a pytest-xdist worker
+    if workerinput is not None:
+        workers.pin(workerinput)
     try:
         session = ConformanceSession(config)
     except (SelectionError, ResultsFileError) as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION] = session
     config.pluginmanager.register(session, "attention-conformance-session")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` on a GPU host: one worker per visible GPU (not one per CPU core)."""
+    if config.getoption("device") in (None, "cuda"):
+        return len(workers.visible_gpus()) or None
+    return None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """The controller gives each pytest-xdist worker its GPU before the worker starts."""
+    config = node.config
+    if config.getoption("device") not in (None, "cuda"):
+        return
+    gpus = workers.visible_gpus()
+    gpu, shared_by = workers.assign(node.gateway.id, len(config.getoption("tx") or []), gpus)
+    node.workerinput[workers.GPU_KEY] = gpu
+    node.workerinput[workers.SHARED_KEY] = shared_by
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -122,14 +145,18 @@ class ConformanceSession:
         self.selection = Selection.from_options(config.getoption("backend"), config.getoption("device"),
                                                 config.getoption("tier"), config.getoption("check"),
                                                 config.getoption("case"))
-        self.recorder = Recorder(config.getoption("results_file"),
+        workerinput = getattr(config, "workerinput", {})
+        self.worker, self.gpu = workerinput.get("workerid"), workerinput.get(workers.GPU_KEY)
+        # under pytest-xdist the controller keeps the journal, from the records the workers' reports carry
+        self.recorder = Recorder(None if self.worker else config.getoption("results_file"),
                                  {"device": self.selection.device, "tier": self.selection.tier})
         self.timeout = config.getoption("case_timeout") or DEFAULT_CASE_TIMEOUT[self.selection.tier]
         self.crash_limit = config.getoption("crash_limit")
         self.fuzz_profile = config.getoption("fuzz")
         self.options = {"tier": self.selection.tier, "baselines_dir": config.getoption("baselines_dir"),
                         "update_baselines": config.getoption("update_baselines"),
-                        "memory_budget_gb": config.getoption("memory_budget")}
+                        "memory_budget_gb": config.getoption("memory_budget"),
+                        "gpu_shared_by": workerinput.get(workers.SHARED_KEY, 1)}
         self.crash_streak: dict[str, int] = {}
         self._runner = None
 
@@ -235,6 +262,8 @@ class ConformanceSession:
         record = {"record": "case", "nodeid": item.nodeid, "backend": backend.name, "check": check,
                   "device": s.device, "tier": s.tier, "outcome": outcome, "duration_s": round(report.duration, 6),
                   "fuzz": marker is None}
+        if self.worker:
+            record.update(worker=self.worker, gpu=self.gpu)
         if case is not None:
             record.update(case_id=case.id, case=dataclasses.asdict(case), rerun=s.rerun_command(check, backend, case))
         if outcome in ("skipped", "not run", "oom"):

@@ -51,7 +51,19 @@ def table(records: list[dict]) -> list[str]:
         if reasons[b]:
             lines.append(f"main skip reasons for {b}:")
             lines += [f"  {n:>4} x {reason}" for reason, n in reasons[b].most_common(5)]
-    return lines
+    return lines + per_gpu(records)
+
+
+def per_gpu(records: list[dict]) -> list[str]:
+    """Under pytest-xdist with one GPU per worker: counts per GPU, so one bad GPU is named, not averaged."""
+    gpus: dict = defaultdict(Counter)
+    for r in records:
+        if r.get("worker"):
+            gpus[r.get("gpu"), r["worker"]][PROBLEMS.get(r["outcome"], r["outcome"])] += 1
+    if len({gpu for gpu, _ in gpus}) < 2:
+        return []
+    return ["per GPU:"] + [f"  GPU {gpu} ({worker}): " + ", ".join(f"{c[o]} {o}" for o in OUTCOMES)
+                           for (gpu, worker), c in sorted(gpus.items(), key=lambda item: str(item[0]))]
 
 
 def measurements(records: list[dict]) -> list[str]:

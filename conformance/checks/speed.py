@@ -57,6 +57,9 @@ def skip_reason(backend: Backend, case: Case, device: str, options: dict) -> str
     """Why this case is not measured here (decided at collection, without running anything)."""
     if device != "cuda" and not options.get("allow_cpu_timing"):
         return "the speed check times CUDA devices (its baselines are per GPU architecture)"
+    if options.get("gpu_shared_by", 1) > 1:
+        return (f"this pytest-xdist worker shares its GPU with {options['gpu_shared_by'] - 1} other(s): timings would "
+                "be wrong; run with no more workers (-n) than GPUs, or time in a run of its own")
     if options.get("update_baselines"):
         return None
     file, arch = baseline_file(backend, device, options)
