@@ -4,9 +4,11 @@
     attn-conformance list-backends          every known backend, available here or why not
     attn-conformance summary [JOURNAL]      the verdict table rebuilt from a results journal alone
                                             (default conformance-results.jsonl)
-    attn-conformance certify [--out DIR] [--size full|tiny] [--memory-budget GB]
+    attn-conformance certify [--out DIR] [--size full|tiny] [--memory-budget GB] [--gpus all|0,1,...]
                                             is this machine ready for the FlashAttention lab? a report
-                                            in DIR (default certification/); exit 0 only if certified
+                                            in DIR (default certification/); exit 0 only if certified.
+                                            With several GPUs, each is certified in a process of its
+                                            own, side by side, and DIR holds a node report
 """
 
 from __future__ import annotations
@@ -37,9 +39,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--out", default="certification")
         parser.add_argument("--size", choices=("full", "tiny"), default="full")
         parser.add_argument("--memory-budget", type=float, default=16.0)
+        parser.add_argument("--gpus", default="all", help="all (default) or a comma-separated list of "
+                            "CUDA_VISIBLE_DEVICES entries")
         args = parser.parse_args(argv)
+        import os
         from pathlib import Path
 
+        from conformance import workers
+
+        gpus = workers.visible_gpus() if args.gpus == "all" else [g.strip() for g in args.gpus.split(",") if g.strip()]
+        if len(gpus) > 1:
+            from conformance.certify.node import certify_node
+
+            return certify_node(Path(args.out), gpus, args.size, args.memory_budget)
+        if args.gpus != "all":  # one named GPU: pin this process to it before CUDA starts
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         return certify(Path(args.out), args.size, args.memory_budget)
     if command == "summary":
         return _summary(argv[0] if argv else "conformance-results.jsonl")

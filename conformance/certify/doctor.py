@@ -40,7 +40,8 @@ def environment() -> dict:
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             env["gpus"].append({"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
-                                "compute_capability": f"{props.major}.{props.minor}"})
+                                "compute_capability": f"{props.major}.{props.minor}", "uuid": str(props.uuid),
+                                **gpu_state(str(props.uuid))})
         try:
             import pynvml
 
@@ -54,6 +55,25 @@ def environment() -> dict:
         match = re.search(r"release (\d+\.\d+)", out)
         env["nvcc"] = match.group(1) if match else None
     return env
+
+
+def gpu_state(uuid: str) -> dict:
+    """What NVML says of one GPU before the run: temperature, SM clock, and the compute processes of
+    others on it (a GPU another job is using gives wrong timings and less memory). Empty without NVML."""
+    import os
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        others = [p for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid != os.getpid()]
+        return {"temperature_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+                "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                "other_processes": len(others),
+                "other_memory_gb": round(sum(p.usedGpuMemory or 0 for p in others) / 2**30, 2)}
+    except Exception:  # noqa: BLE001 - informative only: NVML may be missing or refuse
+        return {}
 
 
 def backends() -> list[dict]:
@@ -79,6 +99,11 @@ def problems(env: dict, rows: list[dict]) -> list[Problem]:
                                  f"{major}.{minor}; flash-attn 2.x needs 8.0 (Ampere) or newer. The lab notes' "
                                  "'compute capability 7.5+' is out of date.", "use an A100/H100/RTX 30xx or newer, "
                                  "or the SDPA memory-efficient / math backends on this GPU"))
+        if gpu.get("other_processes"):
+            found.append(Problem("warn", "GPU in use by others", f"{gpu['name']} ({gpu['uuid']}) runs "
+                                 f"{gpu['other_processes']} other compute process(es) holding {gpu['other_memory_gb']} GB: "
+                                 "timings and memory figures on it are not the GPU's own",
+                                 "certify when the GPU is idle (nvidia-smi lists what runs on it)"))
     if env.get("nvcc") and env["cuda_runtime"] and env["nvcc"].split(".")[0] != env["cuda_runtime"].split(".")[0]:
         found.append(Problem("warn", "CUDA version mismatch", f"torch is built for CUDA {env['cuda_runtime']}, the "
                              f"system toolkit (nvcc) is {env['nvcc']}: building flash-attn from source will fail "

@@ -1,0 +1,101 @@
+"""`attn-conformance certify` at its tiny size on the CPU, once per session, and the node report built
+from per-GPU reports; contents are checked, not only that files exist."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conformance.certify import node
+
+CPU_BACKENDS = {"naive", "sdpa-math", "tiled"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("certification")
+    done = subprocess.run([sys.executable, "-m", "conformance", "certify", "--size", "tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    return out, done
+
+
+def test_cpu_machine_is_not_certified_and_says_why(tiny):
+    out, done = tiny
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "NOT CERTIFIED" in done.stdout and "GPU certification needs a GPU" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["certified"] is False and report["device"] == "cpu" and report["size"] == "tiny"
+    assert report["doctor"]["environment"]["torch"] == torch.__version__
+    assert "no GPU" in [p["topic"] for p in report["doctor"]["problems"] if p["level"] == "fail"]
+    usable = {b["name"]: b for b in report["doctor"]["backends"]}
+    assert CPU_BACKENDS <= {n for n, b in usable.items() if b["usable"]}
+    assert not usable["flash"]["usable"] and usable["flash"]["reasons"]  # with its reason
+
+
+def test_quick_conformance_of_the_cpu_backends_passes_within_tolerance(tiny):
+    report = json.loads((tiny[0] / "report.json").read_text())
+    rows = {r["backend"]: r for r in report["conformance"]["backends"]}
+    assert set(rows) == CPU_BACKENDS
+    assert all(r["passed"] > 20 and r["failed"] == 0 and not r["blocking"] for r in rows.values())
+    assert all(0 < ratio <= 1 for ratio in report["conformance"]["max_error_ratio"].values())
+
+
+def test_snapshot_shows_the_quadratic_and_the_linear_backend_and_their_kernels(tiny):
+    report = json.loads((tiny[0] / "report.json").read_text())
+    snap = report["snapshot"]
+    for name in CPU_BACKENDS:
+        points = snap[name]["points"]
+        assert [p["seqlen"] for p in points] == [64, 128, 256]
+        assert all(p["fwd_ms"] > 0 and p["fwdbwd_ms"] > p["fwd_ms"] * 0.5 and p["fwd_peak_bytes"] > 0 for p in points)
+        shares = [k["share"] for k in report["kernels"][name]]
+        assert shares and all(0 < s <= 1 for s in shares) and sum(shares) <= 1 + 1e-9
+
+    def growth(name):  # peak forward memory from 64 to 256 tokens
+        points = snap[name]["points"]
+        return points[-1]["fwd_peak_bytes"] / points[0]["fwd_peak_bytes"]
+
+    assert growth("naive") > 2 * growth("tiled")  # N^2 scores versus blocks
+
+
+def test_the_lab_tables_are_filled_with_measurements_beside_the_notes(tiny):
+    lab = json.loads((tiny[0] / "report.json").read_text())["lab"]
+    assert [r["seqlen"] for r in lab["forward"]] and all(r["standard_ms"] > 0 and r["flash_ms"] > 0 for r in lab["forward"])
+    assert lab["gpt2_impls"] == ["eager", "sdpa"]
+    for r in lab["gpt2"]:
+        assert all(r[impl]["step_ms"] > 0 and 5 < r[impl]["loss"] < 15 for impl in lab["gpt2_impls"])  # ~ln(vocab)
+    assert {r["backend"] for r in lab["long"]} == {"naive", "tiled"} and all(r["step_ms"] > 0 for r in lab["long"])
+    assert lab["long_verdict"].startswith("Not checked: needs a GPU")
+
+
+def test_report_page_embeds_every_plot(tiny):
+    out = tiny[0]
+    plots = sorted(p.name for p in out.glob("*.png"))
+    assert plots == ["errors.png", "latency.png", "memory.png", "tflops.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000 for p in out.glob("*.png"))
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == len(plots) and "NOT CERTIFIED" in page
+    assert "GPT-2 Medium" in page or "GPT-2" in page
+
+
+def test_node_report_names_each_bad_gpu(tiny, tmp_path):
+    good, bad = tmp_path / "gpu0", tmp_path / "gpu1"
+    shutil.copytree(tiny[0], good)
+    shutil.copytree(tiny[0], bad)
+    report = json.loads((good / "report.json").read_text())
+    report.update(certified=True, summary="ready")
+    (good / "report.json").write_text(json.dumps(report))
+    dead = tmp_path / "gpu2"
+    dead.mkdir()
+    (dead / "certify.log").write_text("RuntimeError: CUDA error: an illegal memory access was encountered\n")
+    rows = [node.row("0", good, 0), node.row("1", bad, 1), node.row("2", dead, 1)]
+    certified, summary = node.verdict(rows)
+    assert not certified and "GPU 0" not in summary
+    assert "GPU 1: GPU certification needs a GPU" in summary and "GPU 2: no report" in summary
+    assert "illegal memory access" in summary
+    page = node.write(rows, tmp_path).read_text()
+    assert page.count("<tr>") == 4 and 'href="gpu0/index.html"' in page and "NOT CERTIFIED" in page
+    assert json.loads((tmp_path / "node.json").read_text())["gpus"][0]["certified"] is True
+    assert node.verdict(rows[:1]) == (True, "all 1 GPUs certified")
