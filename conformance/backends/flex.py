@@ -25,6 +25,9 @@ def _flex():
     return torch.compile(flex_attention)  # automatic dynamic shapes: a new seqlen recompiles once, not each time
 
 
+COMPILED_MASK_FROM = 2**24  # seqlen_q * seqlen_k from which a mask is built compiled (eagerly: ~160 MB)
+
+
 @functools.cache
 def _compiled_create_block_mask():
     from torch.nn.attention.flex_attention import create_block_mask
@@ -36,8 +39,9 @@ def _compiled_create_block_mask():
 def _block_mask(causal: bool, alignment: str, window_size: tuple, sq: int, sk: int, device: torch.device):
     """Built once per mask and shape, as a model builds it once per batch, not on every call: building it
     costs milliseconds (measured on an H100: it tripled the timed causal forward at 4096 tokens). On CUDA
-    the building is compiled: built eagerly it materialises the whole seqlen_q x seqlen_k mask (the
-    memory check measured 40 GB at 65536 tokens, quadratic growth, on an H100)."""
+    the building of large masks is compiled: built eagerly it materialises the whole seqlen_q x seqlen_k
+    mask (the memory check measured 40 GB at 65536 tokens, quadratic growth, on an H100); small ones are
+    built eagerly, since compiling costs 3 to 7 s per new shape."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     offset = torch.tensor(sk - sq if alignment == "bottom_right" else 0, device=device)
@@ -53,7 +57,8 @@ def _block_mask(causal: bool, alignment: str, window_size: tuple, sq: int, sk: i
 
     if not (causal or windowed):
         return None
-    build = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
+    large = sq * sk >= COMPILED_MASK_FROM
+    build = _compiled_create_block_mask() if device.type == "cuda" and large else create_block_mask
     return build(mask_mod, None, None, sq, sk, device=device)
 
 

@@ -73,20 +73,25 @@ def certify(out: Path, size: str = "full", budget_gb: float = 16.0) -> int:
     data: dict = {"created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": device, "size": size}
     with Progress(console=console) as progress:
         task = progress.add_task("environment doctor", total=5)
+
+        def step(description: str) -> None:  # the bar, and a timed line that stays in a log
+            progress.update(task, advance=1, description=description)
+            progress.console.log(description)
         env, rows = doctor.environment(), doctor.backends()
         problems = doctor.problems(env, rows)
         usable = [r["name"] for r in rows if r["usable"] and device in r["devices"]]
-        progress.update(task, advance=1, description=f"quick conformance of {len(usable)} backends")
+        step(f"quick conformance of {len(usable)} backends")
         records = _conformance(usable, out)
         conformance_rows, ratios = _conformance_rows(records)
         problems += doctor.explain_findings(records)
-        progress.update(task, advance=1, description="performance snapshot")
+        step("performance snapshot")
         backends = {name: registry.load(name) for name in usable}
         curves, kernels = {}, {}
         for name, backend in backends.items():
+            progress.console.log(f"performance snapshot: {name}")
             curves[name] = snapshot.curve(backend, SNAPSHOT[size], device, dtype_name, slow_ms=SLOW_MS)
             kernels[name] = snapshot.kernels(backend, device, dtype_name, SNAPSHOT[size][1])
-        progress.update(task, advance=1, description="the lab's tables")
+        step("the lab's tables")
         fast = next((backends[n] for n in ("flash", "sdpa-flash", "tiled") if n in backends), None)
         impls = ["eager", "sdpa"] + (["flash_attention_2"] if "flash" in backends else [])
         lab_data = {
@@ -101,7 +106,7 @@ def certify(out: Path, size: str = "full", budget_gb: float = 16.0) -> int:
                                             device, dtype, profile, budget_gb),
         }
         lab_data["long_verdict"] = _long_verdict(lab_data["long"], device)
-        progress.update(task, advance=1, description="report")
+        step("report")
         blocking = [p for p in problems if p.level == "fail"] + [r for r in conformance_rows if r["blocking"]]
         missing = [n for n in LAB_BACKENDS if n not in usable and (n != "flash" or env.get("flash-attn"))]
         certified = device == "cuda" and not blocking and not missing
@@ -120,7 +125,7 @@ def certify(out: Path, size: str = "full", budget_gb: float = 16.0) -> int:
                     snapshot=curves, snapshot_config=f"batch 1, 16 heads, head dim 64, {dtype_name}",
                     kernels=kernels, lab=lab_data)
         page = report.write(data, out)
-        progress.update(task, advance=1, description="done")
+        step("done")
     console.print(f"[{'green' if certified else 'red'}]{'CERTIFIED' if certified else 'NOT CERTIFIED'}[/]: {summary}")
     console.print(f"report: {page}")
     return 0 if certified else 1
