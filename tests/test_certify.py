@@ -99,3 +99,24 @@ def test_node_report_names_each_bad_gpu(tiny, tmp_path):
     assert page.count("<tr>") == 4 and 'href="gpu0/index.html"' in page and "NOT CERTIFIED" in page
     assert json.loads((tmp_path / "node.json").read_text())["gpus"][0]["certified"] is True
     assert node.verdict(rows[:1]) == (True, "all 1 GPUs certified")
+
+
+def test_a_lab_backend_whose_conformance_did_not_run_blocks_certification():
+    from conformance.certify.run import _conformance_rows
+
+    def record(backend, check, outcome):
+        findings = [{"property": "forward", "message": "max error 3e-1 > bound 2e-3"}] if outcome == "failed" else []
+        return {"backend": backend, "check": check, "outcome": outcome, "case_id": "b2_q64", "findings": findings}
+
+    records = [record("flash", "forward", "passed"), record("flash", "window", "failed"),
+               record("naive", "forward", "failed"), record("sdpa-math", "forward", "passed")]
+    exits = {"flash": (1, ""), "naive": (1, ""), "sdpa-math": (0, ""),
+             "sdpa-flash": (4, "ERROR: usage: unrecognized arguments: --backend=sdpa-flash")}
+    rows = {r["backend"]: r for r in _conformance_rows(records, exits)[0]}
+    assert not rows["flash"]["blocking"]  # a failure outside the core checks is reported, not blocking
+    assert not rows["naive"]["blocking"]  # not one of the lab's backends
+    assert rows["sdpa-flash"]["blocking"] and rows["sdpa-flash"]["passed"] == 0
+    assert "did not run (pytest exit status 4)" in rows["sdpa-flash"]["first_failure"]
+    assert "unrecognized arguments" in rows["sdpa-flash"]["first_failure"]
+    records.append(record("flash", "gradients", "failed"))
+    assert _conformance_rows(records, exits)[0][0]["blocking"]

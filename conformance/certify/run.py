@@ -26,35 +26,43 @@ SNAPSHOT = {"full": (512, 1024, 2048, 4096, 8192, 16384, 32768), "tiny": (64, 12
 SLOW_MS = 2000.0  # a curve stops after a call this slow (the plain-PyTorch tiled loop on long sequences)
 
 
-def _conformance(usable: list[str], folder: Path) -> list[dict]:
+def _conformance(usable: list[str], folder: Path) -> tuple[list[dict], dict]:
     """The quick tier of every usable backend, one pytest run each, side by side (correctness runs may
-    share a GPU; nothing here is timed)."""
-    runs = {name: subprocess.Popen([sys.executable, "-m", "pytest", "--pyargs", "conformance.suite", "-q",
-                                    "-p", "no:cacheprovider", "--tier=quick", "--fuzz=off",
-                                    f"--check={','.join(CORRECTNESS_CHECKS)}", f"--backend={name}",
-                                    f"--results-file={folder / f'conformance-{name}.jsonl'}"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in usable}
-    records = []
+    share a GPU; nothing here is timed). Returns the records and, per backend, pytest's exit status
+    and the end of its output (kept in conformance-NAME.log)."""
+    runs = {}
+    for name in usable:
+        with open(folder / f"conformance-{name}.log", "w", encoding="utf-8") as log:
+            runs[name] = subprocess.Popen([sys.executable, "-m", "pytest", "--pyargs", "conformance.suite", "-q",
+                                           "-p", "no:cacheprovider", "--tier=quick", "--fuzz=off",
+                                           f"--check={','.join(CORRECTNESS_CHECKS)}", f"--backend={name}",
+                                           f"--results-file={folder / f'conformance-{name}.jsonl'}"],
+                                          stdout=log, stderr=subprocess.STDOUT)
+    records, exits = [], {}
     for name, process in runs.items():
-        process.wait()
+        exits[name] = (process.wait(), (folder / f"conformance-{name}.log").read_text(errors="replace")[-300:])
         journal = folder / f"conformance-{name}.jsonl"
         if journal.exists():
             records += results.read(journal)[1]
-    return records
+    return records, exits
 
 
-def _conformance_rows(records: list[dict]) -> tuple[list[dict], dict]:
+def _conformance_rows(records: list[dict], exits: dict) -> tuple[list[dict], dict]:
+    """A row per backend; one whose run produced no record is a row too, never a silent pass."""
     rows, ratios = [], {}
-    for name in dict.fromkeys(r["backend"] for r in records):
+    for name in dict.fromkeys([*exits, *(r["backend"] for r in records)]):
         mine = [r for r in records if r["backend"] == name]
         counts = Counter(r["outcome"] for r in mine)
         bad = [r for r in mine if r["outcome"] in ("failed", "crashed", "timed out")]
-        blocking = name in LAB_BACKENDS and any(r["check"] in CORE_CHECKS for r in bad)
+        lab_backend_failed = any(r["check"] in CORE_CHECKS for r in bad) or not counts["passed"]
         first = next((f"{r['check']} {r.get('case_id')}: {r['findings'][0]['message'][:160]}" for r in bad
                       if r.get("findings")), "")
+        if not mine:
+            status, tail = exits.get(name, (None, ""))
+            first = f"quick conformance did not run (pytest exit status {status}): {' '.join(tail.split())[-200:]}"
         rows.append({"backend": name, "passed": counts["passed"], "failed": len(bad), "skipped": counts["skipped"],
                      "problems": ", ".join(f"{counts[k]} {k}" for k in ("crashed", "timed out", "oom") if counts[k]),
-                     "blocking": blocking, "first_failure": first})
+                     "blocking": name in LAB_BACKENDS and lab_backend_failed, "first_failure": first})
         comparisons = [c for r in mine for c in r.get("comparisons", []) if c.get("bound")]
         if comparisons:
             ratios[name] = max(c["error"] / c["bound"] for c in comparisons)
@@ -81,8 +89,8 @@ def certify(out: Path, size: str = "full", budget_gb: float = 16.0) -> int:
         problems = doctor.problems(env, rows)
         usable = [r["name"] for r in rows if r["usable"] and device in r["devices"]]
         step(f"quick conformance of {len(usable)} backends")
-        records = _conformance(usable, out)
-        conformance_rows, ratios = _conformance_rows(records)
+        records, exits = _conformance(usable, out)
+        conformance_rows, ratios = _conformance_rows(records, exits)
         problems += doctor.explain_findings(records)
         step("performance snapshot")
         backends = {name: registry.load(name) for name in usable}
@@ -116,7 +124,7 @@ def certify(out: Path, size: str = "full", budget_gb: float = 16.0) -> int:
             summary = "GPU certification needs a GPU: this machine has none (CPU backends checked only)"
         else:
             what = [p.topic for p in blocking if hasattr(p, "topic")] + [
-                f"{r['backend']} fails: {r['first_failure']}" for r in conformance_rows if r["blocking"]] + [
+                f"{r['backend']}: {r['first_failure'] or 'no case passed'}" for r in conformance_rows if r["blocking"]] + [
                 f"{n} is not usable" for n in missing]
             summary = "; ".join(what)
         data.update(certified=certified, summary=summary,
