@@ -2,9 +2,12 @@
 
 On CUDA each repeat flushes the L2 cache (zeroing a buffer larger than it) and queues a short GPU
 sleep, so that the host has launched the whole call before the GPU reaches the start event (the
-call's Python overhead is not timed, as in triton.testing.do_bench); the end event is recorded after a
-device-wide synchronize, so work a kernel leaves on a side stream is counted, and the latency of that
-synchronize, measured on empty calls at the start of each measurement, is subtracted. A reference
+call's Python overhead is not timed, as in triton.testing.do_bench). The time runs to an end event
+on the current stream; a device-wide synchronize follows, and when it ends later than its own latency
+(measured on empty calls at the start of each measurement) explains, work went on on another stream
+and the time runs to the synchronize instead, less that latency. (Subtracting the latency from every
+call instead made calls of some 10 microseconds read as nearly zero on an H100: the latency's jitter
+is of their size.) A reference
 callable can be timed in two blocks, just before and just after the case's repeats, so that both see
 the machine in the same state; not interleaved repeat by repeat, because on an H100 a large matrix
 product right before each repeat slowed a 0.5 ms causal attention forward by up to 9% (its power
@@ -32,21 +35,32 @@ def summarize(samples_ms: list[float]) -> dict:
             "min_ms": stats.min, "rounds": stats.rounds}
 
 
-def _cuda_once(fn, flush, latency_ms: float = 0.0) -> tuple[float, object]:
+def _cuda_once(fn, flush, latency: tuple[float, float] | None = None) -> tuple[float, object]:
+    """One timed call: the time to its end event on the current stream, unless a device-wide
+    synchronize after it finished later than the synchronize's own latency (median, allowance) explains:
+    then work went on elsewhere (a side stream), and the time runs to the synchronize, less its latency."""
     flush.zero_()
     torch.cuda._sleep(LAUNCH_SLACK_CYCLES)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start, end, synced = (torch.cuda.Event(enable_timing=True) for _ in range(3))
     start.record()
     result = fn()
-    torch.cuda.synchronize()  # device-wide: side streams included
     end.record()
-    end.synchronize()
-    return max(start.elapsed_time(end) - latency_ms, 0.0), result
+    torch.cuda.synchronize()  # device-wide: side streams included
+    synced.record()
+    synced.synchronize()
+    on_stream, whole = start.elapsed_time(end), start.elapsed_time(synced)
+    if latency is None:
+        return whole - on_stream, result
+    median, allowance = latency
+    return (whole - median if whole - on_stream > median + allowance else on_stream), result
 
 
-def _sync_latency_ms(flush) -> float:
+def _sync_latency_ms(flush) -> tuple[float, float]:
+    """The synchronize's latency after an empty call: its median, and an allowance for its jitter
+    (the spread from the median to the 90th percentile, plus 10 microseconds)."""
     samples = sorted(_cuda_once(lambda: None, flush)[0] for _ in range(30))
-    return samples[len(samples) // 2]
+    median = samples[len(samples) // 2]
+    return median, samples[26] - median + 0.01
 
 
 def time_calls(fn: Callable[[int], object], device: str, *, warmup: int = 3, budget_s: float = 0.4,
@@ -59,7 +73,7 @@ def time_calls(fn: Callable[[int], object], device: str, *, warmup: int = 3, bud
     checked."""
     cuda = device == "cuda"
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if cuda else None
-    latency = _sync_latency_ms(flush) if cuda else 0.0
+    latency = _sync_latency_ms(flush) if cuda else None
 
     def timed(call):
         if cuda:
