@@ -22,17 +22,18 @@ def _plots(report: dict, folder: Path) -> list[str]:
     for name, key, ylabel, log in (("latency", "ms", "time per call (ms)", True),
                                    ("memory", "peak_bytes", "peak extra memory (MiB)", True),
                                    ("tflops", "tflops", "throughput (TFLOP/s)", False)):
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-        for backend, data in curves.items():
+        fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+        colors = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
+        for (backend, data), color in zip(curves.items(), colors):  # a color per backend, a line style per mode
             for mode, style in (("fwd", "-"), ("fwdbwd", "--")):
                 pts = [p for p in data["points"] if f"{mode}_{key}" in p]
                 if not pts:
                     continue
                 ys = [p[f"{mode}_{key}"] / (2**20 if key == "peak_bytes" else 1) for p in pts]
-                line, = ax.plot([p["seqlen"] for p in pts], ys, style, marker="o", ms=3,
-                                label=f"{backend} {'forward' if mode == 'fwd' else 'fwd+bwd'}")
+                ax.plot([p["seqlen"] for p in pts], ys, style, marker="o", ms=3, color=color,
+                        label=f"{backend} {'forward' if mode == 'fwd' else 'fwd+bwd'}")
                 if data.get("oom_at"):
-                    ax.plot([data["oom_at"]], [ys[-1]], "x", color=line.get_color(), ms=10, mew=2)
+                    ax.plot([data["oom_at"]], [ys[-1]], "x", color=color, ms=10, mew=2)
                     ax.annotate("OOM", (data["oom_at"], ys[-1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log", base=2)
         if log:
@@ -41,7 +42,7 @@ def _plots(report: dict, folder: Path) -> list[str]:
         ax.set_ylabel(ylabel)
         ax.set_title(f"{ylabel.split(' (')[0]} vs sequence length ({report['snapshot_config']})")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(folder / f"{name}.png")
         plt.close(fig)
@@ -52,7 +53,8 @@ def _plots(report: dict, folder: Path) -> list[str]:
         names = list(errors)
         ax.bar(names, [errors[n] for n in names], color=["tab:red" if errors[n] > 1 else "tab:green" for n in names])
         ax.axhline(1.0, color="black", lw=1, ls="--", label="tolerance bound")
-        ax.set_ylabel("largest error / bound")
+        ax.set_yscale("log")  # a failing backend can be 100x over while passing ones sit near 0.3
+        ax.set_ylabel("largest error / bound (log)")
         ax.set_title("error vs the float64 reference (quick tier; above 1 fails)")
         ax.legend(fontsize=8)
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
@@ -67,6 +69,8 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        if isinstance(v, list):
+            return html.escape("; ".join(map(str, v)))
         if isinstance(v, dict):
             return html.escape(", ".join(f"{k} {fmt(x)}" for k, x in v.items()))
         return html.escape("" if v is None else str(v))
