@@ -7,6 +7,7 @@ import torch
 from conformance import reference
 from conformance.backend import Backend, call
 from conformance.case import Case
+from conformance.checks.forward import output_comparison
 from conformance.expected import GRAD_NAMES, expected
 from conformance.inputs import make_inputs
 from conformance.tolerance import GRADIENT_MULTIPLE, compare
@@ -25,6 +26,13 @@ def compare_gradients(backend: Backend, case: Case, device: str, verdict: Verdic
     for name, grad, ref, err, mag in zip(GRAD_NAMES, grads, exp.grads, exp.grad_torch_errors, exp.grad_magnitudes):
         verdict.add(name, compare(name, grad, ref, err, mag, case.torch_dtype, GRADIENT_MULTIPLE,
                                   max(case.seqlen_q, case.seqlen_k)))
+
+
+def against_reference(backend: Backend, case: Case, device: str, verdict: Verdict, prop: str) -> None:
+    """The output (as ``prop``) and, where the backend has a backward, dq, dk, dv against the reference."""
+    verdict.add(prop, output_comparison(backend, case, device))
+    if backend.capabilities.backward:
+        compare_gradients(backend, case, device, verdict)
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,7 @@ from __future__ import annotations
 from conformance import tiers
 from conformance.backend import Backend
 from conformance.case import Case
-from conformance.checks.common import compare_gradients
-from conformance.checks.forward import output_comparison
+from conformance.checks.common import against_reference
 from conformance.verdict import Verdict
 
 NAME = "softcap"
@@ -35,7 +34,5 @@ def cases(tier: str) -> list[Case]:
 
 def run(backend: Backend, case: Case, device: str) -> Verdict:
     verdict = Verdict(NAME, backend.name, case, device)
-    verdict.add("softcap-reference", output_comparison(backend, case, device))
-    if backend.capabilities.backward:
-        compare_gradients(backend, case, device, verdict)
+    against_reference(backend, case, device, verdict, "softcap-reference")
     return verdict

@@ -7,8 +7,7 @@ from __future__ import annotations
 from conformance import tiers
 from conformance.backend import Backend
 from conformance.case import Case
-from conformance.checks.common import compare_gradients, masked_keys_do_not_matter
-from conformance.checks.forward import output_comparison
+from conformance.checks.common import against_reference, masked_keys_do_not_matter
 from conformance.verdict import Verdict
 
 NAME = "window"
@@ -39,8 +38,6 @@ def cases(tier: str) -> list[Case]:
 
 def run(backend: Backend, case: Case, device: str) -> Verdict:
     verdict = Verdict(NAME, backend.name, case, device)
-    verdict.add("window-reference", output_comparison(backend, case, device))
-    if backend.capabilities.backward:
-        compare_gradients(backend, case, device, verdict)
+    against_reference(backend, case, device, verdict, "window-reference")
     masked_keys_do_not_matter(backend, case, device, verdict, "outside-window-independence")
     return verdict
