@@ -18,10 +18,10 @@ from pathlib import Path
 
 
 def _gpu_run(gpu: str, out: Path, size: str, budget_gb: float) -> subprocess.Popen:
-    log = open(out / "certify.log", "w", encoding="utf-8")  # noqa: SIM115 - closed by the process's end
-    return subprocess.Popen([sys.executable, "-m", "conformance", "certify", "--out", str(out), "--size", size,
-                             "--memory-budget", str(budget_gb)],
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, stdout=log, stderr=subprocess.STDOUT)
+    with open(out / "certify.log", "w", encoding="utf-8") as log:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "conformance", "certify", "--out", str(out), "--size", size,
+                                 "--memory-budget", str(budget_gb)],
+                                env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, stdout=log, stderr=subprocess.STDOUT)
 
 
 def row(gpu: str, folder: Path, returncode: int) -> dict:
