@@ -19,7 +19,6 @@ from conformance.results import Recorder, ResultsFileError
 from conformance.selection import Selection, SelectionError, availability
 
 CHECK_MARKER, FUZZ_MARKER = "attention_check", "attention_fuzz"
-DEFAULT_CASE_TIMEOUT = {"quick": 60.0, "standard": 120.0, "full": 600.0}
 SESSION = pytest.StashKey["ConformanceSession"]()
 RESULT = pytest.StashKey[dict]()  # what a test learnt, for its journal record
 
@@ -58,7 +57,7 @@ def pytest_addoption(parser):
                          "(default), or in the pytest process")
     group.addoption("--case-timeout", type=_positive(float), default=None, metavar="SECONDS",
                     help="a case running longer has timed out (default by tier: "
-                         + ", ".join(f"{t} {s:g}" for t, s in DEFAULT_CASE_TIMEOUT.items())
+                         + ", ".join(f"{t.name} {t.case_timeout_s:g}" for t in tiers.all_tiers())
                          + "; needs --isolation=process)")
     group.addoption("--crash-limit", type=_positive(int), default=3, metavar="N",
                     help="after N crashed or timed-out cases in a row, a backend's remaining cases are not run "
@@ -150,7 +149,7 @@ class ConformanceSession:
         # under pytest-xdist the controller keeps the journal, from the records the workers' reports carry
         self.recorder = Recorder(None if self.worker else config.getoption("results_file"),
                                  {"device": self.selection.device, "tier": self.selection.tier})
-        self.timeout = config.getoption("case_timeout") or DEFAULT_CASE_TIMEOUT[self.selection.tier]
+        self.timeout = config.getoption("case_timeout") or tiers.get(self.selection.tier).case_timeout_s
         self.crash_limit = config.getoption("crash_limit")
         self.fuzz_profile = config.getoption("fuzz")
         self.options = {"tier": self.selection.tier, "baselines_dir": config.getoption("baselines_dir"),

@@ -18,11 +18,6 @@ from conformance.verdict import Verdict
 NAME = "memory"
 NEEDS: tuple[str, ...] = ()
 CASE_FEATURE = None  # the case feature the check exercises: every case (fuzzed too) has it
-SWEEPS = {  # sequence lengths by device and tier
-    "cpu": {"quick": (256, 512, 1024), "standard": (256, 512, 1024, 2048), "full": (256, 512, 1024, 2048, 4096)},
-    "cuda": {"quick": (1024, 2048, 4096, 8192), "standard": (1024, 2048, 4096, 8192, 16384, 32768),
-             "full": (1024, 2048, 4096, 8192, 16384, 32768, 65536)},
-}
 LINEAR_LIMIT = 1.5  # a backend declared linear fails above this exponent
 TIME_LIMIT_S = 60.0  # a length whose measurement takes longer ends the sweep
 
@@ -62,7 +57,7 @@ def _sweep(backend: Backend, case: Case, device: str, lengths, backward: bool) -
 def run(backend: Backend, case: Case, device: str, options: dict | None = None) -> Verdict:
     options = options or {}
     verdict = Verdict(NAME, backend.name, case, device)
-    lengths = SWEEPS[device][options.get("tier", "standard")]
+    lengths = tiers.get(options.get("tier", tiers.DEFAULT_TIER)).sweep(device)
     budget = options.get("memory_budget_gb")
     for mode in ("fwd", "fwdbwd") if backend.capabilities.backward else ("fwd",):
         points, stopped = _sweep(backend, case, device, lengths, mode == "fwdbwd")
