@@ -42,7 +42,8 @@ def machine_info(device: str) -> dict:
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
-                    memory_gb=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count)
+                    memory_gb=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
+                    gpu_uuid=str(getattr(props, "uuid", "")) or None)  # which unit of the model recorded it
         try:
             import pynvml
 

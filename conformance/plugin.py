@@ -64,6 +64,10 @@ def pytest_addoption(parser):
                          "(default 3)")
     group.addoption("--update-baselines", action="store_true",
                     help="measure the speed cases and write them into the baselines of this GPU architecture")
+    group.addoption("--speed-against", default=None, metavar="BACKEND",
+                    help="speed check: compare with this backend (a registered name or an import string, e.g. the "
+                         "previous build of the same kernel), timed interleaved in the same run, instead of the "
+                         "stored baselines (the recommended CI gate)")
     group.addoption("--baselines-dir", default="baselines", metavar="DIR",
                     help="where speed baselines live, one folder per GPU architecture (default: baselines)")
     group.addoption("--memory-budget", type=_positive(float), default=None, metavar="GB",
@@ -154,6 +158,7 @@ class ConformanceSession:
         self.fuzz_profile = config.getoption("fuzz")
         self.options = {"tier": self.selection.tier, "baselines_dir": config.getoption("baselines_dir"),
                         "update_baselines": config.getoption("update_baselines"),
+                        "speed_against": config.getoption("speed_against"),
                         "memory_budget_gb": config.getoption("memory_budget"),
                         "gpu_shared_by": workerinput.get(workers.SHARED_KEY, 1)}
         self.crash_streak: dict[str, int] = {}
