@@ -8,6 +8,7 @@ a case into keyword arguments, so every check calls every backend the same way.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,22 +38,58 @@ class DeviceFault(Exception):
     and the process that ran it is replaced."""
 
 
+class KernelRaised(Exception):
+    """The kernel raised an exception inside its declaration: a failure of the check (``raised``)."""
+
+
+class KernelCrashed(Exception):
+    """The kernel's process died during a call (a signal, an exit)."""
+
+
+class KernelTimedOut(Exception):
+    """A call into the kernel did not return within the limit; its process was killed."""
+
+
 _DEVICE_FAULT_MARKERS = ("illegal memory access", "device-side assert", "unspecified launch failure",
                          "misaligned address", "an illegal instruction", "CUDA error: unknown error",
                          "cudaErrorLaunchFailure", "CUBLAS_STATUS_EXECUTION_FAILED")
 
 
 def classify(exc: BaseException) -> type[Exception] | None:
-    """OutOfMemory or DeviceFault for errors that are one of those, else None."""
+    """OutOfMemory for the allocators' own errors (torch.OutOfMemoryError, MemoryError, and the CPU
+    allocator's failed allocation, which torch raises as a RuntimeError of c10's "enforce fail at
+    alloc_cpu"), never for other text that mentions memory; DeviceFault for context-poisoning device
+    errors; else None."""
     import torch
 
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return OutOfMemory
     text = str(exc)
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower() \
-            or "can't allocate memory" in text:
+    if isinstance(exc, RuntimeError) and text.startswith("[enforce fail at alloc_cpu") \
+            and "DefaultCPUAllocator: can't allocate memory" in text:
         return OutOfMemory
     if any(marker in text for marker in _DEVICE_FAULT_MARKERS):
         return DeviceFault
     return None
+
+
+def invoke(name: str, fn: Callable, *args, **kwargs):
+    """Call a backend's function, sorting what it raises: ``Unsupported`` as is; the allocator's
+    out-of-memory and context-poisoning errors as ``OutOfMemory`` and ``DeviceFault``; a call its
+    signature refuses as ``ContractError``; anything else as ``KernelRaised``, with where it was raised."""
+    try:
+        return fn(*args, **kwargs)
+    except (Unsupported, KernelRaised, KernelCrashed, KernelTimedOut, OutOfMemory, DeviceFault, ContractError):
+        raise  # already sorted (a function that runs in the kernel's process)
+    except Exception as exc:
+        kind = classify(exc)
+        if kind is not None:
+            raise kind(f"{type(exc).__name__}: {exc}") from exc
+        frames = traceback.extract_tb(exc.__traceback__)
+        if isinstance(exc, TypeError) and len(frames) == 1:  # refused by the signature, before its first line
+            raise ContractError(f"backend {name!r} cannot be called in flash-attn's convention: {exc}") from exc
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        raise KernelRaised(f"{type(exc).__name__} at {where}: {exc}") from exc
 
 
 def always_available() -> list[str]:
@@ -73,11 +110,30 @@ class Backend:
     unavailable_reasons: Callable[[], list[str]] = field(default=always_available, compare=False)
     varlen_fn: Callable | None = None
     kvcache_fn: Callable | None = None
+    # Set on a backend whose functions run in the kernel's process (kernel_client.py): runs a measuring
+    # procedure of kernel_side.PROCEDURES there. None: the backend runs here.
+    kernel_side: Callable | None = field(default=None, compare=False)
 
     def __post_init__(self):
         for feature in ("varlen", "kvcache"):
             if getattr(self.capabilities, feature) and getattr(self, f"{feature}_fn") is None:
                 raise ValueError(f"backend {self.name!r} declares {feature} but has no {feature}_fn")
+
+
+def run_kernel_side(backend: Backend, procedure: str, *args):
+    """A measurement that must run where the kernel runs (its process, its CUDA allocator and clocks):
+    ``kernel_side.PROCEDURES[procedure](backend, *args)``, there; it returns numbers, the caller judges."""
+    if backend.kernel_side is not None:
+        return backend.kernel_side(procedure, *args)
+    from conformance.kernel_side import PROCEDURES
+
+    try:
+        return PROCEDURES[procedure](backend, *args)
+    except Exception as exc:
+        kind = classify(exc)
+        if kind is not None:  # as the kernel's process reports it
+            raise kind(f"{type(exc).__name__}: {exc}") from exc
+        raise
 
 
 def kwargs_for(backend: Backend, case: Case, device) -> dict:
@@ -104,7 +160,8 @@ def kwargs_for(backend: Backend, case: Case, device) -> dict:
 def call(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case, **extra) -> torch.Tensor:
     """Run the backend and hold its result to the output contract (a tensor shaped like q, same dtype
     and device), so a wrong return is reported as such rather than as a numerical mismatch."""
-    return checked_output(backend, backend.fn(q, k, v, **kwargs_for(backend, case, q.device), **extra), q)
+    return checked_output(backend, invoke(backend.name, backend.fn, q, k, v, **kwargs_for(backend, case, q.device),
+                                          **extra), q)
 
 
 def call_varlen(backend: Backend, q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, case: Case) -> torch.Tensor:
@@ -112,7 +169,8 @@ def call_varlen(backend: Backend, q, k, v, cu_seqlens: torch.Tensor, max_seqlen:
     on packed (total_tokens, heads, head_dim) tensors."""
     kwargs = kwargs_for(backend, case, q.device)
     kwargs.pop("causal_alignment", None)  # each packed sequence is square: the alignments coincide
-    return checked_output(backend, backend.varlen_fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs), q)
+    out = invoke(backend.name, backend.varlen_fn, q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    return checked_output(backend, out, q)
 
 
 def call_kvcache(backend: Backend, q, k_cache, v_cache, k_new, v_new, cache_seqlens: torch.Tensor,
@@ -121,7 +179,8 @@ def call_kvcache(backend: Backend, q, k_cache, v_cache, k_new, v_new, cache_seql
     keys and values are written into the caches at cache_seqlens, then q attends to the filled part."""
     kwargs = kwargs_for(backend, case, q.device)
     kwargs.pop("causal_alignment", None)  # decoding is bottom-right aligned by definition
-    out = backend.kvcache_fn(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=cache_seqlens, **kwargs)
+    out = invoke(backend.name, backend.kvcache_fn, q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=cache_seqlens,
+                 **kwargs)
     return checked_output(backend, out, q)
 
 

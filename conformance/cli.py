@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(pytest.main(["--pyargs", "conformance.suite", *argv]))
     if command == "list-backends":
-        from conformance.plugin import backend_listing
+        from conformance.listing import backend_listing
 
         print("\n".join(backend_listing()))
         return 0
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from conformance import workers
 
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            parser.error(f"--out {args.out} is a file; give a folder for the report")
+
         gpus = workers.visible_gpus() if args.gpus == "all" else [g.strip() for g in args.gpus.split(",") if g.strip()]
         if len(gpus) > 1:
             from conformance.certify.node import certify_node
@@ -65,14 +68,22 @@ def _summary(path: str) -> int:
     from conformance import results, summary
 
     try:
-        header, records = results.read(path)
+        journal = results.read(path)
     except results.ResultsFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    header, records = journal.header, journal.cases
     print(f"run {header.get('run_id')} started {header.get('started')}: device {header.get('device')}, "
           f"tier {header.get('tier')}, {len(records)} cases recorded")
     print("\n".join(summary.table(records)))
-    return 1 if any(r["outcome"] in ("failed", "crashed", "timed out") for r in records) else 0
+    if not journal.complete:
+        print("INCOMPLETE: the run did not finish (the journal has no end record: it was killed, crashed, or "
+              "ended by a kernel); not a pass", file=sys.stderr)
+        return 1
+    if journal.end["exitstatus"] != 0:
+        print(f"the run ended with exit status {journal.end['exitstatus']}")
+        return 1
+    return 1 if any(r["outcome"] in ("failed", "crashed", "timed out", "harness error") for r in records) else 0
 
 
 if __name__ == "__main__":

@@ -1,169 +1,119 @@
-"""Running a check so that a crashing, hanging or out-of-memory backend cannot end or corrupt the run.
+"""Where the kernel runs, and what one case ends in.
 
-``Isolated`` (the default) keeps one worker process (``multiprocessing``, spawn start method) that runs
-cases one after another, and waits for each with a time limit:
-- the worker dies (SIGSEGV, SIGABRT...): the case is ``crashed``, with the signal and the tail of the
-  worker's stderr (where ``faulthandler`` wrote the fatal error), and a fresh worker takes the next case;
-- the limit passes: the worker is killed, the case has ``timed out``, a fresh worker takes the next;
-- a CUDA error that poisons the context (illegal memory access, device-side assert): ``crashed``, and
-  the worker is replaced, since every later CUDA call in it would fail;
-- out of memory: ``oom``, a result of its own; the worker frees memory and goes on.
-``InProcess`` runs the check in the pytest process (``--isolation=none``): cheaper, but it cannot
-survive a hard crash or stop a hang.
-
-A worker loads the backend by the same name or import string the user gave, and rebuilds the case from
-its id, so nothing but plain data crosses the pipe.
+``Isolated`` (the default, ``--isolation=process``): the kernel runs in its own process
+(kernel_worker.py) and the checks run here, in the judge's process, calling it through
+kernel_client.py. So a crashing, hanging or out-of-memory kernel cannot end or corrupt the run, and
+nothing the kernel does in its process can change the reference it is compared with or the verdict:
+- its process dies (SIGSEGV, SIGABRT, an exit): ``crashed``, with the signal and the fatal error's
+  report (``faulthandler``); a fresh process takes the next call;
+- a call does not return within the limit: ``timed out``; the process and its children are killed;
+- a CUDA error that poisons the context: ``crashed``, and the process is replaced;
+- out of memory (the allocator's own error): ``oom``, a result of its own.
+``InProcess`` (``--isolation=none``, for debugging) loads the kernel here: cheaper, but it cannot
+survive a hard crash or stop a hang, and its verdicts are not protected from the kernel.
 """
 
 from __future__ import annotations
 
-import faulthandler
-import multiprocessing
-import os
-import resource
-import signal
-import tempfile
+import dataclasses
 from dataclasses import dataclass
 
-from conformance.backend import Backend, DeviceFault, OutOfMemory, Unsupported
+from conformance import registry
+from conformance.backend import Backend, DeviceFault, KernelCrashed, KernelTimedOut, OutOfMemory, Unsupported
 from conformance.case import Case
+from conformance.checks import HarnessError, execute
+from conformance.kernel_client import KernelProcess
+from conformance.outcomes import Outcome
 from conformance.verdict import Verdict
-
-# Outcome kinds beyond a verdict; "not run" is decided by the plugin (a backend that keeps crashing).
-VERDICT, UNSUPPORTED, OOM, CRASHED, TIMED_OUT = "verdict", "unsupported", "oom", "crashed", "timed out"
-STARTUP_LIMIT = 300  # seconds for a worker to import torch and the suite; not counted in any case's limit
 
 
 @dataclass
-class Outcome:
-    kind: str
+class CaseResult:
+    outcome: Outcome
     verdict: Verdict | None = None
     message: str = ""
 
 
-def _run_here(check: str, backend: Backend, case: Case, device: str, options: dict) -> tuple[Outcome, bool]:
-    """The outcome, and whether this process is still fit to run the next case."""
-    from conformance.checks import execute
+@dataclass
+class Described:
+    """One --backend value: its Backend, or why it cannot be had (``error``), and why it cannot run here."""
 
+    spec: str
+    backend: Backend | None
+    error: str = ""
+    not_found: bool = False
+    unavailable: list[str] = dataclasses.field(default_factory=list)
+
+
+def _judge(check: str, backend: Backend, case: Case, device: str, options: dict) -> CaseResult:
     try:
-        return Outcome(VERDICT, execute(check, backend, case, device, options)), True
+        verdict = execute(check, backend, case, device, options)
     except Unsupported as exc:
-        return Outcome(UNSUPPORTED, message=str(exc)), True
+        return CaseResult(Outcome.SKIPPED, message=str(exc))
     except OutOfMemory as exc:
-        _release_memory()
-        return Outcome(OOM, message=str(exc)), True
+        return CaseResult(Outcome.OOM, message=str(exc))
     except DeviceFault as exc:
-        return Outcome(CRASHED, message=f"CUDA error (context poisoned): {exc}"), False
-
-
-def _release_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        return CaseResult(Outcome.CRASHED, message=f"CUDA error (context poisoned): {exc}")
+    except KernelCrashed as exc:
+        return CaseResult(Outcome.CRASHED, message=str(exc))
+    except KernelTimedOut as exc:
+        return CaseResult(Outcome.TIMED_OUT, message=str(exc))
+    except HarnessError as exc:
+        return CaseResult(Outcome.HARNESS_ERROR, message=f"harness error (a bug in attention-conformance, not in the "
+                                                         f"backend; please report it): {exc}")
+    return CaseResult(Outcome.PASSED if verdict.passed else Outcome.FAILED, verdict)
 
 
 class InProcess:
-    def run(self, check: str, backend: Backend, case: Case, device: str, timeout: float, options: dict) -> Outcome:
-        return _run_here(check, backend, case, device, options)[0]
+    protected = False
+
+    def describe(self, specs: list[str]) -> list[Described]:
+        rows = []
+        for spec in specs:
+            try:
+                backend = registry.load(spec)
+            except registry.BackendNotFound as exc:
+                rows.append(Described(spec, None, str(exc), not_found=True))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a broken third-party backend must not end a listing
+                rows.append(Described(spec, None, f"failed to load: {type(exc).__name__}: {exc}"))
+                continue
+            rows.append(Described(spec, backend, unavailable=list(backend.unavailable_reasons())))
+        return rows
+
+    def run(self, check: str, backend: Backend, case: Case, device: str, options: dict) -> CaseResult:
+        return _judge(check, backend, case, device, options)
 
     def close(self) -> None:
         pass
 
 
-def _serve(conn, log_path: str) -> None:
-    """The worker's loop: one request (check, backend spec, case id, device, options) at a time."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crashing kernel must not write a core dump of GBs
-    log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
-    os.dup2(log, 1)  # a kernel's prints and a fatal error's traceback go to the log, not the terminal
-    os.dup2(log, 2)
-    faulthandler.enable()
-    from conformance import checks, registry  # noqa: F401 - imported before "ready", outside any case's time limit
-
-    conn.send("ready")
-    backends: dict[str, Backend] = {}
-    while True:
-        try:
-            check, spec, case_id, device, options = conn.recv()
-        except (EOFError, OSError):  # the parent is gone
-            return
-        if spec not in backends:
-            backends[spec] = registry.load(spec)
-        outcome, healthy = _run_here(check, backends[spec], Case.from_id(case_id), device, options)
-        verdict = outcome.verdict
-        conn.send((outcome.kind, None if verdict is None else verdict.as_dict(), outcome.message))
-        if not healthy:
-            return
-
-
 class Isolated:
-    def __init__(self):
-        self._context = multiprocessing.get_context("spawn")
-        self._process = None
-        self._conn = None
-        self._log = tempfile.NamedTemporaryFile(prefix="attn-conformance-worker-", suffix=".log", delete=False)
+    protected = True
 
-    def _start(self) -> None:
-        parent, child = self._context.Pipe()
-        self._process = self._context.Process(target=_serve, args=(child, self._log.name), daemon=True,
-                                              name="attn-conformance-worker")
-        self._process.start()
-        child.close()
-        self._conn = parent
-        if not (parent.poll(STARTUP_LIMIT) and parent.recv() == "ready"):
-            raise RuntimeError(f"the isolation worker did not start within {STARTUP_LIMIT} s; see {self._log.name}")
+    def __init__(self, call_timeout: float | None = None):
+        self.kernel = KernelProcess(call_timeout)
 
-    def _log_tail(self, start: int) -> str:
-        with open(self._log.name, "rb") as f:
-            f.seek(start)
-            text = f.read().decode(errors="replace")
-        lines = [line for line in text.splitlines() if line.strip()]
-        return " | ".join(lines[:3] + (["..."] if len(lines) > 3 else []))[:600]
+    def describe(self, specs: list[str]) -> list[Described]:
+        rows = []
+        for spec, d in self.kernel.describe(specs).items():
+            if "error" in d:
+                rows.append(Described(spec, None, d["error"], not_found=d.get("not_found", False)))
+            else:
+                rows.append(Described(spec, self.kernel.backend(spec, d), unavailable=d["unavailable"]))
+        return rows
 
-    def _stop(self) -> int | None:
-        if self._process is not None:
-            if self._process.is_alive():
-                self._process.kill()
-            self._process.join(10)
-            code = self._process.exitcode
-            self._conn.close()
-            self._process = self._conn = None
-            return code
-        return None
-
-    def run(self, check: str, backend: Backend, case: Case, device: str, timeout: float, options: dict) -> Outcome:
-        if self._process is None or not self._process.is_alive():
-            self._stop()
-            self._start()
-        log_start = os.path.getsize(self._log.name)
-        self._conn.send((check, backend.name, case.id, device, options))
-        if not self._conn.poll(timeout):
-            self._stop()
-            return Outcome(TIMED_OUT, message=f"no result within {timeout:g} s; the worker was killed")
+    def run(self, check: str, backend: Backend, case: Case, device: str, options: dict) -> CaseResult:
         try:
-            kind, verdict, text = self._conn.recv()
-        except (EOFError, OSError):  # the worker died mid-case: its end of the pipe closed
-            self._process.join(10)
-            code = self._stop()
-            tail = self._log_tail(log_start)
-            return Outcome(CRASHED, message=f"worker died with {_describe_exit(code)}" + (f": {tail}" if tail else ""))
-        if kind == CRASHED:
-            self._stop()
-        restored = None if verdict is None else Verdict.from_dict(check, backend.name, case, device, verdict)
-        return Outcome(kind, restored, text)
+            self.kernel.forget()
+        except (KernelCrashed, KernelTimedOut):
+            self.kernel.stop()
+        return _judge(check, backend, case, device, options)
 
     def close(self) -> None:
-        self._stop()
-        os.unlink(self._log.name)
+        self.kernel.close()
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"{signal.Signals(-code).name} (signal {-code})"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
+def describe_known(runner) -> list[Described]:
+    """Every known backend (built-in, registered, not import strings), described by ``runner``."""
+    return runner.describe(registry.known_names())

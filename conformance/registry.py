@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
 import importlib.util
 import sys
@@ -95,8 +97,12 @@ def load(spec: str) -> Backend:
     registered = _registered()
     if spec in registered:
         obj = registered[spec].load()
-        return obj if isinstance(obj, Backend) else from_function(obj, spec)
+        # the entry point's name is the backend's name, whatever the object calls itself: the kernel's
+        # process loads it by this name again, and the rerun lines print it
+        return dataclasses.replace(obj, name=spec) if isinstance(obj, Backend) else from_function(obj, spec)
     if ":" in spec:
         return from_function(_import_string(spec), spec)
-    raise BackendNotFound(f"unknown backend {spec!r}. Known backends: {', '.join(known_names())}; "
+    close = difflib.get_close_matches(spec, known_names(), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise BackendNotFound(f"unknown backend {spec!r}.{hint} Known backends: {', '.join(known_names())}; "
                           "or give an import string: path/to/file.py:function or package.module:function")

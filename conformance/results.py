@@ -2,7 +2,9 @@
 run killed halfway keeps every case it finished. Fields are documented in the README.
 
 The first line of a run is a ``{"record": "run", ...}`` header; each case is a ``{"record": "case",
-...}`` line. ``read`` loads a journal back (the terminal summary can be rebuilt from it alone).
+...}`` line; a run that finished ends with ``{"record": "end", "exitstatus": ...}``. A journal without
+that last line is of a run that did not finish (killed, crashed, or ended by a kernel): ``read``
+reports it as incomplete, and nothing built on it may read as a pass.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import platform
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA = 1
@@ -47,15 +50,30 @@ class Journal:
         self._file.close()
 
 
-def read(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """The run header and the case records of a journal. A torn last line (a run killed while writing
-    it) is dropped; anything else wrong is a ResultsFileError naming the file, the line and the fault."""
+@dataclass
+class JournalContents:
+    header: dict
+    cases: list[dict]
+    end: dict | None  # None: the run did not finish
+
+    @property
+    def complete(self) -> bool:
+        return self.end is not None
+
+
+_CASE_FIELDS = {"backend": str, "check": str, "outcome": str}
+
+
+def read(path: str | os.PathLike) -> JournalContents:
+    """The run header, the case records and the end record of a journal. A torn last line (a run killed
+    while writing it) is dropped; anything else wrong is a ResultsFileError naming the file, the line
+    and the fault."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ResultsFileError(f"cannot read results file {path}: {exc}") from None
-    header, cases = None, []
+    header, cases, end = None, [], None
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
@@ -71,17 +89,33 @@ def read(path: str | os.PathLike) -> tuple[dict, list[dict]]:
                 raise ResultsFileError(f"results file {path}: schema {record.get('schema')!r}, this version reads "
                                        f"schema {SCHEMA}")
             header = record
-        elif kind == "case" and {"backend", "check", "outcome"} <= set(record):
+        elif end is not None:
+            raise ResultsFileError(f"results file {path}, line {number}: a record after the run's end record")
+        elif kind == "case" and all(isinstance(record.get(k), t) for k, t in _CASE_FIELDS.items()):
             cases.append(record)
+        elif kind == "end" and isinstance(record.get("exitstatus"), int):
+            end = record
         else:
-            raise ResultsFileError(f"results file {path}, line {number}: not a case record")
+            raise ResultsFileError(f"results file {path}, line {number}: not a case record (a case record needs "
+                                   "string fields backend, check and outcome)")
     if header is None:
         raise ResultsFileError(f"results file {path} is empty")
-    return header, cases
+    return JournalContents(header, cases, end)
 
 
 class ResultsFileError(Exception):
     """A results file that cannot be read, or that exists and is not ours to replace."""
+
+
+def _check_writable(path: str) -> None:
+    """A journal path this run can write, checked before the first case runs."""
+    if os.path.isdir(path):
+        raise ResultsFileError(f"--results-file {path} is a directory; give a file path")
+    folder = Path(path).resolve().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ResultsFileError(f"--results-file {path} cannot be written (no write permission, or {existing} is not a "
+                               "directory); choose another path, or '' to write no journal")
 
 
 class Recorder:
@@ -91,6 +125,8 @@ class Recorder:
 
     def __init__(self, path: str | None, header: dict):
         self.path, self.header = path or None, header
+        if self.path:
+            _check_writable(self.path)
         if self.path and os.path.exists(self.path) and os.path.getsize(self.path):
             with open(self.path, encoding="utf-8", errors="replace") as f:
                 first = f.readline()
@@ -111,6 +147,15 @@ class Recorder:
             if self._journal is None:
                 self._journal = Journal(self.path, self.header)
             self._journal.write(record)
+
+    def finish(self, exitstatus: int) -> None:
+        """The end record: this run finished, with this exit status and these counts."""
+        if self._journal is not None:
+            counts: dict[str, int] = {}
+            for r in self.records:
+                counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+            self._journal.write({"record": "end", "exitstatus": exitstatus, "counts": counts,
+                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     def close(self) -> None:
         if self._journal is not None:

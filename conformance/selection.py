@@ -7,11 +7,12 @@ which the plugin turns into pytest's usage error.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from conformance import registry, tiers
+from conformance import isolation, registry, tiers
 from conformance.backend import Backend
 from conformance.case import Case
 from conformance.checks import CHECKS
@@ -37,11 +38,15 @@ class Selection:
     backend_specs: list[str]  # empty: every backend available here
     checks: list[str]
     case_ids: list[str] = field(default_factory=list)
+    # --backend values to their declarations: isolation.Isolated.describe (from the kernel's process) or
+    # InProcess.describe
+    describe: Callable[[list[str]], list[isolation.Described]] = field(default=isolation.InProcess().describe,
+                                                                       repr=False)
     _backends: list[Backend] | None = None
 
     @classmethod
     def from_options(cls, backend: list[str], device: str | None, tier: str, check: list[str],
-                     case: list[str]) -> Selection:
+                     case: list[str], describe: Callable | None = None) -> Selection:
         device = device or default_device()
         if device == "cuda" and not torch.cuda.is_available():
             raise SelectionError(f"--device cuda, but torch {torch.__version__} sees no CUDA device")
@@ -58,7 +63,9 @@ class Selection:
                 Case.from_id(case_id)
             except ValueError as exc:
                 raise SelectionError(f"--case: {exc}") from None
-        selection = cls(device, tier, _split(backend), checks, case_ids)
+        if any(not value.strip(" ,") for value in backend):
+            raise SelectionError("--backend is empty; name a backend (see --list-backends) or leave the option out")
+        selection = cls(device, tier, _split(backend), checks, case_ids, describe or isolation.InProcess().describe)
         if selection.backend_specs:
             selection.backends()  # resolve now, so a bad name is a usage error before collection
         return selection
@@ -69,18 +76,16 @@ class Selection:
         if self._backends is None:
             if self.backend_specs:
                 self._backends = []
-                for spec in self.backend_specs:
-                    try:
-                        backend = registry.load(spec)
-                    except registry.BackendNotFound as exc:
-                        raise SelectionError(str(exc)) from None
-                    reasons = backend.unavailable_reasons()
-                    if reasons:
-                        raise SelectionError(f"backend {spec!r} is unavailable here: {'; '.join(reasons)}")
-                    self._backends.append(backend)
+                for row in self.describe(self.backend_specs):
+                    if row.backend is None:
+                        raise SelectionError(row.error)
+                    if row.unavailable:
+                        raise SelectionError(f"backend {row.spec!r} is unavailable here: {'; '.join(row.unavailable)}")
+                    self._backends.append(row.backend)
             else:
-                self._backends = [b for b, reasons in availability() if not reasons
-                                  and self.device in b.capabilities.devices]
+                self._backends = [row.backend for row in self.describe(registry.known_names())
+                                  if row.backend is not None and not row.unavailable
+                                  and self.device in row.backend.capabilities.devices]
         return self._backends
 
     def cases(self, check: str) -> list[Case]:
@@ -93,17 +98,3 @@ class Selection:
         return ("pytest --pyargs conformance.suite " + " ".join(
             shlex.quote(f"--{k}={v}") for k, v in
             (("backend", backend.name), ("device", self.device), ("check", check), ("case", case.id))))
-
-
-def availability() -> list[tuple[Backend | str, list[str]]]:
-    """Every known backend and why it cannot run here (empty when it can). A backend whose module or
-    entry point fails to load appears by name, with the error as its reason."""
-    rows: list[tuple[Backend | str, list[str]]] = []
-    for name in registry.known_names():
-        try:
-            backend = registry.load(name)
-        except Exception as exc:  # noqa: BLE001 - a broken third-party backend must not end the listing
-            rows.append((name, [f"failed to load: {type(exc).__name__}: {exc}"]))
-            continue
-        rows.append((backend, backend.unavailable_reasons()))
-    return rows

@@ -16,7 +16,7 @@ SEARCH = settings(max_examples=300, database=None, derandomize=True, deadline=No
 
 def strategy(backend, check):
     module = CHECKS[check]
-    return fuzz.cases(backend.capabilities, "cpu", module.NEEDS, module.CASE_FEATURE)
+    return fuzz.cases(backend.capabilities, "cpu", module.needs, module.feature)
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.backend.name)

@@ -11,7 +11,7 @@ from mutants import MUTANTS
 def verdicts(backend, check, tier="quick"):
     module = CHECKS[check]
     for case in module.cases(tier):
-        if not backend.capabilities.not_supported_reasons(case, "cpu", module.NEEDS):
+        if not backend.capabilities.not_supported_reasons(case, "cpu", module.needs):
             yield execute(check, backend, case, "cpu")
 
 

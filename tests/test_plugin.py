@@ -53,7 +53,8 @@ def test_builtin_backend_run_prints_table_and_writes_journal(pytester):
                                  "naive*18/0/0*4/0/0*pass*", "results journal: conformance-results.jsonl"])
     records = journal(pytester)
     assert records[0]["record"] == "run" and records[0]["device"] == "cpu" and "torch" in records[0]["versions"]
-    cases = records[1:]
+    cases = records[1:-1]
+    assert records[-1]["record"] == "end" and records[-1]["exitstatus"] == 0
     assert len(cases) == 22 and {r["check"] for r in cases} == {"forward", "sanity"}
     forward = next(r for r in cases if r["check"] == "forward")
     assert forward["outcome"] == "passed" and forward["comparisons"][0]["error"] <= forward["comparisons"][0]["bound"]
@@ -66,7 +67,7 @@ def test_import_string_with_declaration_skips_with_reasons(pytester):
     outcomes = result.parseoutcomes()
     assert outcomes["passed"] > 0 and outcomes["skipped"] > 0 and "failed" not in outcomes
     result.stdout.fnmatch_lines(["main skip reasons for my_kernels.py:attention:", "*x only seqlen_q == seqlen_k*"])
-    skipped = [r for r in journal(pytester)[1:] if r["outcome"] == "skipped"]
+    skipped = [r for r in journal(pytester) if r.get("outcome") == "skipped"]
     assert all(r["reasons"] for r in skipped)
     assert any("dtype fp16 not supported (declared: fp32, fp64)" in r["reasons"] for r in skipped)
     assert any(r["reasons"] == ["backward not supported"] for r in skipped if r["check"] == "gradients")
@@ -165,9 +166,15 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--case-timeout=0",), "*--case-timeout: must be > 0, not 0*"),
+    (("--case-timeout=0",), "*--case-timeout: must be a finite number > 0, not 0*"),
+    (("--case-timeout=nan",), "*--case-timeout: must be a finite number > 0, not nan*"),
+    (("--case-timeout=inf",), "*--case-timeout: must be a finite number > 0, not inf*"),
     (("--case-timeout=soon",), "*--case-timeout: 'soon' is not a valid float*"),
-    (("--crash-limit=-1",), "*--crash-limit: must be > 0, not -1*"),
+    (("--crash-limit=-1",), "*--crash-limit: must be a finite number > 0, not -1*"),
+    (("--isolation=none", "--case-timeout=5"), "*--case-timeout needs --isolation=process*"),
+    (("--results-file=.",), "*--results-file . is a directory*"),
+    (("--backend=",), "*--backend is empty*"),
+    (("--backend=naiv",), "*unknown backend 'naiv'. Did you mean 'naive'?*"),
     (("--tier=huge",), "*--tier: invalid choice: 'huge'*"),
     (("--fuzz=forever",), "*--fuzz: invalid choice: 'forever'*"),
 ])
@@ -206,8 +213,20 @@ def test_torn_last_line_of_a_killed_run_is_dropped(pytester):
     path.write_text('{"record": "run", "schema": 1}\n'
                     '{"record": "case", "backend": "b", "check": "forward", "outcome": "passed"}\n{"record": "ca')
     result = pytester.run(sys.executable, "-m", "conformance", "summary", str(path))
-    assert result.ret == 0
     result.stdout.fnmatch_lines(["*1 cases recorded*", "b *1/0/0*pass*"])
+    assert result.ret == 1  # a killed run is never a pass
+    result.stderr.fnmatch_lines(["INCOMPLETE: the run did not finish*"])
+
+
+def test_summary_of_a_finished_run_is_its_verdict(pytester):
+    path = pytester.path / "done.jsonl"
+    lines = ['{"record": "run", "schema": 1}', '{"record": "case", "backend": "b", "check": "forward", "outcome": "passed"}']
+    path.write_text("\n".join(lines + ['{"record": "end", "exitstatus": 0}']) + "\n")
+    assert pytester.run(sys.executable, "-m", "conformance", "summary", str(path)).ret == 0
+    path.write_text("\n".join(lines + ['{"record": "case", "backend": 3, "check": "forward", "outcome": null}']) + "\n")
+    result = pytester.run(sys.executable, "-m", "conformance", "summary", str(path))
+    assert result.ret == 2
+    result.stderr.fnmatch_lines(["*line 3: not a case record*"])
 
 
 def test_every_check_has_a_test_in_the_suite():

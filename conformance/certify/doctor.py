@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from conformance.selection import availability
+from conformance import isolation
 
 PACKAGES = ("torch", "triton", "flash-attn", "xformers", "transformers")
 
@@ -77,11 +77,12 @@ def gpu_state(uuid: str) -> dict:
 
 
 def backends() -> list[dict]:
+    """Every known backend, loaded where the doctor runs (certify measures them here too)."""
     rows = []
-    for backend, reasons in availability():
-        name = backend if isinstance(backend, str) else backend.name
-        rows.append({"name": name, "usable": not reasons, "reasons": reasons,
-                     "devices": [] if isinstance(backend, str) else sorted(backend.capabilities.devices)})
+    for row in isolation.describe_known(isolation.InProcess()):
+        reasons = [row.error] if row.backend is None else row.unavailable
+        rows.append({"name": row.spec, "usable": not reasons, "reasons": reasons,
+                     "devices": [] if row.backend is None else sorted(row.backend.capabilities.devices)})
     return rows
 
 

@@ -32,6 +32,7 @@ def _conformance(usable: list[str], folder: Path) -> tuple[list[dict], dict]:
     and the end of its output (kept in conformance-NAME.log)."""
     runs = {}
     for name in usable:
+        (folder / f"conformance-{name}.jsonl").unlink(missing_ok=True)  # never read an earlier run's results
         with open(folder / f"conformance-{name}.log", "w", encoding="utf-8") as log:
             runs[name] = subprocess.Popen([sys.executable, "-m", "pytest", "--pyargs", "conformance.suite", "-q",
                                            "-p", "no:cacheprovider", "--tier=quick", "--fuzz=off",
@@ -43,7 +44,9 @@ def _conformance(usable: list[str], folder: Path) -> tuple[list[dict], dict]:
         exits[name] = (process.wait(), (folder / f"conformance-{name}.log").read_text(errors="replace")[-300:])
         journal = folder / f"conformance-{name}.jsonl"
         if journal.exists():
-            records += results.read(journal)[1]
+            contents = results.read(journal)
+            if contents.complete:  # a run that did not finish proves nothing: its row says so
+                records += contents.cases
     return records, exits
 
 
@@ -59,7 +62,8 @@ def _conformance_rows(records: list[dict], exits: dict) -> tuple[list[dict], dic
                       if r.get("findings")), "")
         if not mine:
             status, tail = exits.get(name, (None, ""))
-            first = f"quick conformance did not run (pytest exit status {status}): {' '.join(tail.split())[-200:]}"
+            first = (f"quick conformance did not run to its end (pytest exit status {status}): "
+                     f"{' '.join(tail.split())[-200:]}")
         rows.append({"backend": name, "passed": counts["passed"], "failed": len(bad), "skipped": counts["skipped"],
                      "problems": ", ".join(f"{counts[k]} {k}" for k in ("crashed", "timed out", "oom") if counts[k]),
                      "blocking": name in LAB_BACKENDS and lab_backend_failed, "first_failure": first})

@@ -1,47 +1,75 @@
-"""The checks, by name. Each module holds NAME, NEEDS (backend features it requires beyond the case),
-CASE_FEATURE (the case feature it exercises, which all its cases have, or None),
-``cases(tier)`` (its grid) and ``run(backend, case, device[, options]) -> Verdict``; optionally
-``skip_reason(backend, case, device, options)`` for what decides at collection time that a case is not
-measured here."""
+"""The checks: one declared ``Check`` per module (its ``CHECK``), listed once in ``CHECKS``.
+
+``execute`` runs one check in the judge's process and sorts what can go wrong: the backend's own
+errors become findings (``raised``, ``contract``) or outcomes of their own (unsupported, oom,
+crashed, timed out, raised as the exceptions of backend.py and kernel_client.py), while an error of
+the suite's own code is a ``HarnessError``, never blamed on the backend.
+"""
 
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 
-from conformance.backend import Backend, ContractError, Unsupported, classify
+import torch
+
+from conformance.backend import (Backend, ContractError, DeviceFault, KernelCrashed, KernelRaised, KernelTimedOut,
+                                 OutOfMemory, Unsupported, classify)
 from conformance.case import Case
-import inspect
-
-from conformance.checks import (alibi, causal, determinism, forward, gradients, kvcache, memory, sanity, softcap, speed,
-                                varlen, window)
+from conformance.checks import (alibi, causal, determinism, forward, gradients, kvcache, memory, sanity, softcap,
+                                speed, varlen, window)
+from conformance.checks.check import Check
 from conformance.verdict import Verdict
 
-CHECKS = {module.NAME: module for module in (forward, gradients, causal, sanity, window, softcap, alibi, varlen,
-                                             kvcache, determinism, memory, speed)}
-# Checks that measure rather than compare take the run's options (tier, baselines, memory budget).
-TAKES_OPTIONS = {name for name, module in CHECKS.items() if "options" in inspect.signature(module.run).parameters}
-CORRECTNESS_CHECKS = [name for name in CHECKS if name not in TAKES_OPTIONS]  # not measuring: these are fuzzed
+CHECKS: dict[str, Check] = {m.CHECK.name: m.CHECK for m in (forward, gradients, causal, sanity, window, softcap, alibi,
+                                                            varlen, kvcache, determinism, memory, speed)}
+CORRECTNESS_CHECKS = [name for name, check in CHECKS.items() if not check.measures]  # these are fuzzed
+_SUITE = Path(__file__).resolve().parents[1]  # the conformance package
+_BACKENDS = _SUITE / "backends"
+_TORCH = Path(torch.__file__).resolve().parent
+
+
+class HarnessError(Exception):
+    """The suite's own code failed on a case (a bug here, not in the backend)."""
 
 
 def execute(check: str, backend: Backend, case: Case, device: str, options: dict | None = None) -> Verdict:
-    """Run one check. An exception from the backend is a failure of the check (the case is inside the
-    backend's declaration), except: ``Unsupported`` propagates, to become a skip with the library's
-    reason; out-of-memory and context-poisoning device errors propagate as ``OutOfMemory`` and
-    ``DeviceFault``, results of their own."""
+    """Run one check. A backend's error inside its declaration is a failure of the check; these
+    propagate, as results of their own: ``Unsupported`` (a skip with the library's reason),
+    ``OutOfMemory``, ``DeviceFault`` and ``KernelCrashed`` (crashed), ``KernelTimedOut``. Anything
+    else raised by the suite's own code is a ``HarnessError``."""
+    declared = CHECKS[check]
     try:
-        if check in TAKES_OPTIONS:
-            return CHECKS[check].run(backend, case, device, options=options or {})
-        return CHECKS[check].run(backend, case, device)
-    except Unsupported:
+        if declared.measures:
+            return declared.run(backend, case, device, options=options or {})
+        return declared.run(backend, case, device)
+    except (Unsupported, OutOfMemory, DeviceFault, KernelCrashed, KernelTimedOut):
         raise
     except ContractError as exc:
         prop, message = "contract", str(exc)
-    except Exception as exc:  # noqa: BLE001 - any error of a backend inside its declaration is a failure
+    except KernelRaised as exc:
+        prop, message = "raised", str(exc)
+    except Exception as exc:  # noqa: BLE001 - sorted below: the backend's, or ours
         kind = classify(exc)
         if kind is not None:
             raise kind(f"{type(exc).__name__}: {exc}") from exc
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        prop, message = "raised", f"{type(exc).__name__} at {where.filename}:{where.lineno}: {exc}"
+        where = _culprit(traceback.extract_tb(exc.__traceback__))
+        text = f"{type(exc).__name__} at {where.filename}:{where.lineno}: {exc}"
+        if _ours(where.filename):
+            raise HarnessError(text) from exc
+        prop, message = "raised", text  # a backend running in this process raised (--isolation=none, self-tests)
     verdict = Verdict(check, backend.name, case, device)
     verdict.fail(prop, message)
     return verdict
+
+
+def _culprit(frames: traceback.StackSummary) -> traceback.FrameSummary:
+    """The innermost frame outside torch: the code that made the failing call."""
+    outside = [f for f in frames if not Path(f.filename).resolve().is_relative_to(_TORCH)]
+    return (outside or frames)[-1]
+
+
+def _ours(filename: str) -> bool:
+    """Code of the suite itself (its adapters in backends/ wrap a library: their errors are the backend's)."""
+    path = Path(filename).resolve()
+    return path.is_relative_to(_SUITE) and not path.is_relative_to(_BACKENDS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from conformance import tiers
 from conformance.backend import Backend
 from conformance.case import Case
+from conformance.checks.check import Check
 from conformance.checks.common import against_reference
 from conformance.verdict import Verdict
 
@@ -35,3 +36,6 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     verdict = Verdict(NAME, backend.name, case, device)
     against_reference(backend, case, device, verdict, "alibi-reference")
     return verdict
+
+
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from conformance import tiers
 from conformance.backend import Backend
 from conformance.case import Case
+from conformance.checks.check import Check
 from conformance.checks.common import masked_keys_do_not_matter
 from conformance.checks.forward import output_comparison
 from conformance.verdict import Verdict
@@ -48,3 +49,6 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     verdict.add("causal-reference", output_comparison(backend, case, device))
     masked_keys_do_not_matter(backend, case, device, verdict, "future-independence")
     return verdict
+
+
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)

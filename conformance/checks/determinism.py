@@ -9,6 +9,7 @@ import torch
 from conformance import tiers
 from conformance.backend import Backend, call
 from conformance.case import Case
+from conformance.checks.check import Check
 from conformance.checks.common import bitwise_equal
 from conformance.expected import GRAD_NAMES
 from conformance.inputs import make_inputs
@@ -48,3 +49,6 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
                 verdict.fail("backward-deterministic", f"{name} differs between {REPEATS} runs with deterministic=True "
                                                        f"(largest difference {spread[name]:.3e})")
     return verdict
+
+
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)

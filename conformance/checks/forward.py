@@ -7,6 +7,7 @@ import itertools
 from conformance import tiers
 from conformance.backend import Backend, call
 from conformance.case import Case
+from conformance.checks.check import Check
 from conformance.expected import expected
 from conformance.inputs import make_inputs
 from conformance.tolerance import FORWARD_MULTIPLE, Comparison, compare
@@ -75,3 +76,6 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     verdict = Verdict(NAME, backend.name, case, device)
     verdict.add("forward", output_comparison(backend, case, device))
     return verdict
+
+
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)

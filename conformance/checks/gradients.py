@@ -7,6 +7,7 @@ import itertools
 from conformance import tiers
 from conformance.backend import Backend
 from conformance.case import Case
+from conformance.checks.check import Check
 from conformance.checks.common import compare_gradients
 from conformance.verdict import Verdict
 
@@ -50,3 +51,6 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     verdict = Verdict(NAME, backend.name, case, device)
     compare_gradients(backend, case, device, verdict)
     return verdict
+
+
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)

@@ -10,6 +10,7 @@ import torch
 from conformance import tiers
 from conformance.backend import Backend, call_kvcache
 from conformance.case import Case
+from conformance.checks.check import Check
 from conformance.expected import expected_for
 from conformance.inputs import Inputs, make_inputs
 from conformance.tolerance import FORWARD_MULTIPLE, compare
@@ -62,3 +63,6 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
                                                  exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
                                                  FORWARD_MULTIPLE, n + sq))
     return verdict
+
+
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)

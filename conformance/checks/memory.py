@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 
 from conformance import memory, tiers
-from conformance.backend import Backend, OutOfMemory, call, classify
+from conformance.backend import Backend, OutOfMemory, run_kernel_side
 from conformance.case import Case
-from conformance.inputs import make_inputs
+from conformance.checks.check import Check
 from conformance.verdict import Verdict
 
 NAME = "memory"
@@ -31,24 +31,12 @@ def cases(tier: str) -> list[Case]:
 def _sweep(backend: Backend, case: Case, device: str, lengths, backward: bool) -> tuple[list, str | None]:
     points, stopped = [], None
     for n in lengths:
-        sized = case.replace(seqlen_q=n, seqlen_k=n)
         start = time.perf_counter()
         try:
-            inputs = make_inputs(sized, device, requires_grad=backward, draw_on_device=True)
-
-            def work():
-                out = call(backend, inputs.q, inputs.k, inputs.v, sized)
-                if backward:
-                    out.backward(inputs.dout)
-                return out
-
-            points.append((n, memory.peak_extra_bytes(work, device)))
-        except Exception as exc:  # noqa: BLE001 - out of memory is a measurement, anything else a failure
-            if classify(exc) is not OutOfMemory:
-                raise
+            peak = run_kernel_side(backend, "memory_peak", case.replace(seqlen_q=n, seqlen_k=n), device, backward)
+        except OutOfMemory:  # a measurement, not an error
             return points, f"OOM at {n}"
-        finally:
-            inputs = None
+        points.append((n, peak))
         if time.perf_counter() - start > TIME_LIMIT_S:
             return points, f"stopped after {n}: one measurement took over {TIME_LIMIT_S:g} s"
     return points, stopped
@@ -75,3 +63,6 @@ def run(backend: Backend, case: Case, device: str, options: dict | None = None) 
         result["text"] = curve
         verdict.measurements[mode] = result
     return verdict
+
+
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, measures=True)

@@ -15,6 +15,7 @@ import torch
 from conformance import tiers
 from conformance.backend import Backend, call
 from conformance.case import Case
+from conformance.checks.check import Check
 from conformance.checks.common import bitwise_equal
 from conformance.checks.forward import output_comparison
 from conformance.expected import expected
@@ -75,3 +76,6 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
         verdict.fail("fresh-output", "a second input set of the same shape did not get its own result: "
                      + comparison.describe())
     return verdict
+
+
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)

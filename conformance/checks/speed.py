@@ -19,6 +19,7 @@ import torch
 from conformance import baselines, registry, speed, tiers
 from conformance.backend import Backend, call
 from conformance.case import Case
+from conformance.checks.check import Check
 from conformance.expected import expected_for
 from conformance.inputs import Inputs, make_inputs
 from conformance.timing import summarize, time_interleaved
@@ -319,3 +320,6 @@ def run(backend: Backend, case: Case, device: str, options: dict | None = None) 
         data["cases"].update(measured)
         baselines.save(file, data)
     return verdict
+
+
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, measures=True, skip_reason=skip_reason)

@@ -12,6 +12,7 @@ import torch
 from conformance import tiers
 from conformance.backend import Backend, call_varlen
 from conformance.case import Case
+from conformance.checks.check import Check
 from conformance.checks.common import bitwise_equal
 from conformance.expected import expected_for
 from conformance.inputs import Inputs, make_inputs
@@ -76,3 +77,6 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
         verdict.fail("sequence-isolation", f"changing sequence {changed}'s tokens changed the output of sequence "
                                            f"{seq} (first at packed token {token})")
     return verdict
+
+
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)

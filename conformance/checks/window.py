@@ -7,6 +7,7 @@ from __future__ import annotations
 from conformance import tiers
 from conformance.backend import Backend
 from conformance.case import Case
+from conformance.checks.check import Check
 from conformance.checks.common import against_reference, masked_keys_do_not_matter
 from conformance.verdict import Verdict
 
@@ -41,3 +42,6 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     against_reference(backend, case, device, verdict, "window-reference")
     masked_keys_do_not_matter(backend, case, device, verdict, "outside-window-independence")
     return verdict
+
+
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)

@@ -1,0 +1,26 @@
+"""``Check``: what a check declares, once; each check module's ``CHECK`` (listed in checks.CHECKS)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from conformance.case import Case
+from conformance.verdict import Verdict
+
+
+@dataclass(frozen=True)
+class Check:
+    """name: what --check selects; cases(tier): its grid; run(backend, case, device[, options]);
+    needs: backend features it requires beyond the case (capability flags); feature: the case feature
+    all its cases exercise (None: plain attention), which the fuzzer draws; measures: it measures
+    rather than compares (takes the run's options; not fuzzed, not part of certify's conformance);
+    skip_reason(backend, case, device, options): decided at collection that a case is not measured."""
+
+    name: str
+    cases: Callable[[str], list[Case]]
+    run: Callable[..., Verdict]
+    needs: tuple[str, ...] = ()
+    feature: str | None = None
+    measures: bool = False
+    skip_reason: Callable[..., str | None] | None = None

@@ -1,0 +1,252 @@
+"""The judge's side of the kernel's process (kernel_worker.py): start it, send it requests, and give
+the checks a ``Backend`` whose functions run there.
+
+Every request carries an id that its reply repeats, so a reply left over from an interrupted wait is
+never taken for the next one; a wait that ends any other way than with its reply (a time limit, the
+process dying, an exception such as pytest-timeout's) kills the process with everything it started
+(its process group) and the next request starts a fresh one. Each wait is bounded per call into the
+kernel, not per case: the limit detects a hung kernel, and the judge's own work (the float64
+reference) never counts against it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import signal
+import tempfile
+import weakref
+
+import torch
+
+from conformance.backend import (Backend, ContractError, DeviceFault, KernelCrashed, KernelRaised, KernelTimedOut,
+                                 OutOfMemory, Unsupported)
+from conformance.capabilities import Capabilities
+
+STARTUP_LIMIT = 300  # seconds for the process to import torch and the suite; not counted in any call's limit
+POLL_S = 0.2  # how often a wait checks that the process is still alive (a forked child may hold the pipe)
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+class KernelProcess:
+    def __init__(self, call_timeout: float | None = None):
+        self.call_timeout = call_timeout
+        self._context = multiprocessing.get_context("spawn")
+        self._process = None
+        self._conn = None
+        self._next_id = 0
+        self._log = tempfile.NamedTemporaryFile(prefix="attn-conformance-kernel-", suffix=".log", delete=False)
+        _LIVE.add(self)
+        _install_sigterm_handler()
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def _start(self) -> None:
+        from conformance.kernel_worker import serve
+
+        parent, child = self._context.Pipe()
+        self._process = self._context.Process(target=serve, args=(child, self._log.name), daemon=True,
+                                              name="attn-conformance-kernel")
+        self._process.start()
+        child.close()
+        self._conn = parent
+        if not (parent.poll(STARTUP_LIMIT) and parent.recv() == "ready"):
+            self.stop()
+            raise RuntimeError(f"the kernel process did not start within {STARTUP_LIMIT} s; see {self._log.name}")
+
+    def stop(self) -> int | None:
+        """Kill the process and its group (whatever the kernel started); its exit code."""
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        if process.is_alive():
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                process.kill()
+        else:
+            _kill_group(process.pid)  # it died: kill what it left behind (a forked child holding the pipe)
+        process.join(10)
+        self._conn.close()
+        self._conn = None
+        return process.exitcode
+
+    def close(self) -> None:
+        self.stop()
+        try:
+            os.unlink(self._log.name)
+        except OSError:
+            pass
+
+    # -- requests --------------------------------------------------------------------------------
+    def request(self, op: str, args, timeout: float | None = None):
+        """The reply's payload; the kernel's refusals and errors as the exceptions of backend.py and this
+        module."""
+        if self._process is None or not self._process.is_alive():
+            self.stop()
+            self._start()
+        self._next_id += 1
+        request_id = self._next_id
+        log_start = os.path.getsize(self._log.name)
+        limit = timeout if timeout is not None else self.call_timeout
+        self._conn.send((request_id, op, args))
+        try:
+            status, payload = self._wait(request_id, limit, log_start)
+        except BaseException:
+            self.stop()  # the reply, if it ever comes, belongs to nobody: never read it as the next one
+            raise
+        if status == "ok":
+            return payload
+        if status == "unsupported":
+            raise Unsupported(payload)
+        if status == "oom":
+            raise OutOfMemory(payload)
+        if status == "fault":
+            self.stop()
+            raise DeviceFault(payload)
+        if status == "contract":
+            raise ContractError(payload)
+        if status == "raised":
+            raise KernelRaised(payload)
+        raise RuntimeError(f"kernel process: {status}: {payload}")
+
+    def _wait(self, request_id: int, limit: float | None, log_start: int):
+        waited = 0.0
+        while True:
+            if self._conn.poll(POLL_S):
+                try:
+                    reply_id, status, payload = self._conn.recv()
+                except (EOFError, OSError):  # the process died mid-call: its end of the pipe closed
+                    self._process.join(10)
+                    raise KernelCrashed(self._death(log_start)) from None
+                if reply_id == request_id:
+                    return status, payload
+                continue  # a reply to an earlier, abandoned request
+            waited += POLL_S
+            if not self._process.is_alive():  # dead, though a child it forked may still hold the pipe
+                raise KernelCrashed(self._death(log_start))
+            if limit is not None and waited >= limit:
+                self.stop()
+                raise KernelTimedOut(f"one call into the kernel did not return within {limit:g} s (a hang "
+                                     "detector, not a speed verdict: --case-timeout); its process was killed")
+
+    def _death(self, log_start: int) -> str:
+        code = self.stop()
+        tail = _log_excerpt(self._log.name, log_start)
+        return f"the kernel's process died with {_describe_exit(code)}" + (f": {tail}" if tail else "")
+
+    # -- what the checks use ----------------------------------------------------------------------
+    def describe(self, specs: list[str]) -> dict:
+        return self.request("describe", list(specs), timeout=STARTUP_LIMIT)
+
+    def forget(self) -> None:
+        """Drop the autograd graphs kept for backward (at the start of each case)."""
+        if self._process is not None and self._process.is_alive():
+            self.request("forget", None)
+
+    def backend(self, spec: str, described: dict) -> Backend:
+        """The judge's Backend for ``spec``: the declaration it sent, and functions that run there."""
+        decl = described["declaration"]
+        capabilities = Capabilities().updated(decl["capabilities"])
+        return Backend(name=spec, fn=_RemoteFn(self, spec, "fn"), capabilities=capabilities,
+                       description=decl["description"], unavailable_reasons=lambda: list(described["unavailable"]),
+                       varlen_fn=_RemoteFn(self, spec, "varlen_fn") if decl["varlen"] else None,
+                       kvcache_fn=_RemoteFn(self, spec, "kvcache_fn") if decl["kvcache"] else None,
+                       kernel_side=lambda name, *args: self.request("procedure", (name, spec, args)))
+
+
+class _RemoteFn:
+    """A backend function that runs in the kernel's process. Tensors cross as shared memory (CUDA IPC
+    on the GPU), so the kernel works on the judge's own tensors; what comes back is copied at once."""
+
+    def __init__(self, client: KernelProcess, spec: str, which: str):
+        self.client, self.spec, self.which = client, spec, which
+
+    def __call__(self, *args, **kwargs):
+        grad = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        if torch.is_grad_enabled() and any(grad):
+            return _Differentiable.apply(self, kwargs, grad, *args)
+        return self.send(args, kwargs, None)[0]
+
+    def send(self, args, kwargs, grad):
+        shared = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
+        out, handle = self.client.request("call", (self.spec, self.which, tuple(shared(a) for a in args),
+                                                   {k: shared(v) for k, v in kwargs.items()}, grad))
+        return out.clone(), handle
+
+
+class _Differentiable(torch.autograd.Function):
+    """The kernel's forward and backward, each a request; the graph stays in the kernel's process."""
+
+    @staticmethod
+    def forward(ctx, remote, kwargs, grad, *args):
+        out, handle = remote.send(args, kwargs, grad)
+        ctx.remote, ctx.handle, ctx.grad = remote, handle, grad
+        if handle is None:  # the kernel's output has no graph: so has ours
+            ctx.mark_non_differentiable(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        grads = iter(ctx.remote.client.request("backward", (ctx.handle, dout.detach())))
+        back = tuple((next(grads) if g else None) for g in ctx.grad)
+        return (None, None, None, *(None if g is None else g.clone() for g in back))
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _install_sigterm_handler() -> None:
+    """On SIGTERM (what CI timeouts send) kill every kernel process and its children first, then end
+    as SIGTERM would have: a hung kernel must not outlive the run."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "_kills_kernels", False) or previous == signal.SIG_IGN or not _main_thread():
+        return
+
+    def handler(signum, frame):
+        for client in list(_LIVE):
+            client.stop()
+        signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler._kills_kernels = True
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for client in list(_LIVE):
+        client.stop()
+
+
+def _log_excerpt(path: str, start: int) -> str:
+    """What the process wrote since ``start``: from the fatal error's report if there is one (that is
+    what says why it died), else its last lines."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    fatal = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
+    shown = lines[fatal[-1]: fatal[-1] + 4] if fatal else lines[-4:]
+    return " | ".join(shown)[:800]
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"{signal.Signals(-code).name} (signal {-code})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"

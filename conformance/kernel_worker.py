@@ -1,0 +1,183 @@
+"""The kernel's process: the only process that imports a backend's code.
+
+The judge (the pytest process: inputs, float64 reference, tolerance, verdicts) never loads a kernel's
+module, so nothing a kernel does at import or call time (patching the suite, torch, or the verdict;
+finding the reference through ``gc``) can reach the numbers it is judged by. This process answers
+requests, one at a time, each tagged with the request id the reply repeats:
+
+- ``describe``: the declaration of each named backend, as plain data (or why it cannot be loaded);
+- ``call``: one call of a backend's ``fn``, ``varlen_fn`` or ``kvcache_fn`` on tensors the judge sent
+  (shared memory on the CPU, CUDA IPC on the GPU: the kernel works on the judge's tensors in place, so
+  what it writes into its inputs is seen by the judge); with gradients requested, the autograd graph
+  is kept under a handle for ``backward``;
+- ``procedure``: a measurement that must run where the kernel runs (``kernel_side.PROCEDURES``:
+  memory peaks, timings); it returns numbers the judge decides on.
+
+Errors come back as a status: ``unsupported`` (the library's own refusal), ``oom`` (the allocator's
+own error types only), ``fault`` (a context-poisoning device error: this process then exits and is
+replaced), ``raised`` (any other exception of the kernel), ``contract`` (it returned no tensor).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import resource
+import signal
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the judge dies (a SIGKILL to pytest leaves no spinning worker)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def serve(conn, log_path: str) -> None:
+    os.setpgrp()  # a group of its own: the judge kills it with every process the kernel started
+    _die_with_parent()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crashing kernel must not write a core dump of GBs
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log, 1)  # a kernel's prints and a fatal error's traceback go to the log, not the terminal
+    os.dup2(log, 2)
+    faulthandler.enable()
+    import torch  # noqa: F401 - imported before "ready", outside any call's time limit
+
+    from conformance import kernel_side, registry  # noqa: F401
+
+    conn.send("ready")
+    worker = _Worker()
+    while True:
+        try:
+            request_id, op, args = conn.recv()
+        except (EOFError, OSError):  # the judge is gone
+            return
+        status, payload = worker.handle(op, args)
+        try:
+            conn.send((request_id, status, payload))
+        except Exception as exc:  # noqa: BLE001 - a reply that cannot be sent (unpicklable output) is the kernel's
+            conn.send((request_id, "contract", f"its result could not be sent back: {type(exc).__name__}: {exc}"))
+        if status == "fault":
+            return
+
+
+class _Worker:
+    def __init__(self):
+        self.backends: dict = {}
+        self.graphs: dict[int, tuple] = {}  # handle -> (output, leaves), for backward
+        self.next_handle = 0
+        self.last_reply = None  # kept alive until the next request (CUDA IPC: the judge copies it first)
+
+    def backend(self, spec: str):
+        from conformance import registry
+
+        if spec not in self.backends:
+            self.backends[spec] = registry.load(spec)
+        return self.backends[spec]
+
+    def handle(self, op: str, args):
+        from conformance.backend import (ContractError, DeviceFault, KernelRaised, OutOfMemory, Unsupported,
+                                         invoke)
+        from conformance.registry import BackendNotFound
+
+        self.last_reply = None
+        try:
+            if op == "describe":
+                return "ok", self.describe(args)
+            if op == "forget":
+                self.graphs.clear()
+                return "ok", None
+            if op == "call":
+                return self.call(*args)
+            if op == "backward":
+                return "ok", invoke("backward", self.backward, *args)
+            if op == "procedure":
+                from conformance import kernel_side
+
+                name, spec, procedure_args = args
+                return "ok", invoke(spec, kernel_side.PROCEDURES[name], self.backend(spec), *procedure_args)
+            return "harness", f"unknown request {op!r}"
+        except Unsupported as exc:
+            return "unsupported", str(exc)
+        except BackendNotFound as exc:
+            return "not-found", str(exc)
+        except OutOfMemory as exc:
+            _release_memory()
+            return "oom", str(exc)
+        except DeviceFault as exc:
+            return "fault", str(exc)
+        except ContractError as exc:
+            return "contract", str(exc)
+        except KernelRaised as exc:
+            return "raised", str(exc)
+        except BaseException as exc:  # noqa: BLE001 - sys.exit() and the like from a kernel: reported, never fatal
+            return "raised", f"{type(exc).__name__}: {exc}"
+
+    def describe(self, specs: list[str]) -> dict:
+        from conformance import registry
+
+        described = {}
+        for spec in specs:
+            try:
+                backend = self.backend(spec)
+                described[spec] = {"declaration": declaration(backend), "unavailable": list(backend.unavailable_reasons())}
+            except registry.BackendNotFound as exc:
+                described[spec] = {"error": str(exc), "not_found": True}
+            except Exception as exc:  # noqa: BLE001 - a broken third-party backend is reported, not fatal
+                described[spec] = {"error": f"failed to load: {type(exc).__name__}: {exc}"}
+        return described
+
+    def call(self, spec: str, which: str, args: tuple, kwargs: dict, grad: tuple | None):
+        import torch
+
+        from conformance.backend import invoke
+
+        backend = self.backend(spec)
+        fn = getattr(backend, which)
+        leaves = ()
+        if grad is not None:  # the judge wants gradients of these positional tensors
+            args = tuple(t.detach().requires_grad_(True) if g else t for t, g in zip(args, grad))
+            leaves = tuple(t for t, g in zip(args, grad) if g)
+        with torch.enable_grad() if grad is not None else torch.no_grad():
+            out = invoke(spec, fn, *args, **kwargs)
+        if isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            return "contract", f"backend {spec!r} returned {type(out).__name__}, not a tensor"
+        handle = None
+        if leaves and out.requires_grad:
+            handle = self.next_handle = self.next_handle + 1
+            self.graphs[handle] = (out, leaves)
+        self.last_reply = out.detach()
+        return "ok", (self.last_reply, handle)
+
+    def backward(self, handle: int, dout):
+        import torch
+
+        out, leaves = self.graphs.pop(handle)
+        grads = torch.autograd.grad(out, leaves, dout, allow_unused=True)
+        self.last_reply = tuple(None if g is None else g.detach() for g in grads)
+        return self.last_reply
+
+
+def declaration(backend) -> dict:
+    """A backend's declaration as plain data (what the judge rebuilds its Backend from)."""
+    import dataclasses
+
+    caps = {k: (sorted(v) if isinstance(v, frozenset) else v)
+            for k, v in dataclasses.asdict(backend.capabilities).items()}
+    return {"name": backend.name, "description": backend.description, "capabilities": caps,
+            "varlen": backend.varlen_fn is not None, "kvcache": backend.kvcache_fn is not None}
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

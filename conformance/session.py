@@ -1,0 +1,131 @@
+"""One pytest run's conformance state and policy: what is tested (the selection), where the kernel
+runs (the runner), the run options the measuring checks read, the journal, and the rules that turn
+case results into pytest outcomes (failure texts, skip reasons, crash streaks, the exit status)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from conformance import isolation, tiers, workers
+from conformance.case import Case
+from conformance.checks import CHECKS
+from conformance.isolation import CaseResult
+from conformance.outcomes import Outcome
+from conformance.results import Recorder
+from conformance.selection import Selection, SelectionError
+
+
+def positive_number(kind):
+    """An option value parser: a finite number above zero."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not value > 0 or math.isinf(value):
+            raise ValueError(f"must be a finite number > 0, not {text}")
+        return value
+    return parse
+
+
+class ConformanceSession:
+    def __init__(self, config):
+        option = config.getoption
+        isolated = option("isolation") == "process"
+        if not isolated and option("case_timeout") is not None:
+            raise SelectionError("--case-timeout needs --isolation=process: in the pytest process a hung kernel "
+                                 "cannot be stopped")
+        tier = option("tier")
+        self.timeout = option("case_timeout") or tiers.get(tier).case_timeout_s
+        self.runner = isolation.Isolated(self.timeout) if isolated else isolation.InProcess()
+        try:
+            self.selection = Selection.from_options(option("backend"), option("device"), tier, option("check"),
+                                                    option("case"), describe=self.runner.describe)
+        except BaseException:
+            self.runner.close()
+            raise
+        workerinput = getattr(config, "workerinput", {})
+        self.worker, self.gpu = workerinput.get("workerid"), workerinput.get(workers.GPU_KEY)
+        # under pytest-xdist the controller keeps the journal, from the records the workers' reports carry
+        self.recorder = Recorder(None if self.worker else option("results_file"),
+                                 {"device": self.selection.device, "tier": self.selection.tier})
+        self.crash_limit = option("crash_limit")
+        self.fuzz_profile = option("fuzz")
+        self.explicit = bool(option("check") or option("case"))  # skips the user asked for are no warning
+        self.options = {"tier": self.selection.tier, "baselines_dir": option("baselines_dir"),
+                        "update_baselines": option("update_baselines"), "speed_against": option("speed_against"),
+                        "memory_budget_gb": option("memory_budget"),
+                        "gpu_shared_by": workerinput.get(workers.SHARED_KEY, 1)}
+        self.crash_streak: dict[str, int] = {}
+
+    def close(self) -> None:
+        self.runner.close()
+        self.recorder.close()
+
+    # -- running ---------------------------------------------------------------------------------
+    def given_up_on(self, backend) -> str | None:
+        if self.crash_streak.get(backend.name, 0) >= self.crash_limit:
+            return f"not run: {backend.name} crashed or timed out on {self.crash_limit} cases in a row (--crash-limit)"
+        return None
+
+    def run(self, check: str, backend, case: Case) -> CaseResult:
+        result = self.runner.run(check, backend, case, self.selection.device, self.options)
+        self.crash_streak[backend.name] = self.crash_streak.get(backend.name, 0) + 1 if result.outcome.hard_failure else 0
+        return result
+
+    def failure_text(self, check: str, backend, case: Case, result: CaseResult) -> str | None:
+        """The failure message (with its rerun line) of a result, or None when it did not fail."""
+        if result.outcome == Outcome.FAILED:
+            text = result.verdict.message()
+        elif result.outcome.in_pytest_terms == "failed":
+            text = (f"{check} check {result.outcome} for backend {backend.name!r} on case {case.id} "
+                    f"({self.selection.device}): {result.message}")
+        else:
+            return None
+        return f"{text}\n  rerun: {self.selection.rerun_command(check, backend, case)}"
+
+    def skip_reasons(self, check: str, backend, case: Case) -> list[str]:
+        """Why a case is not run, decided at collection: outside the declaration, or not measurable here."""
+        declared = CHECKS[check]
+        reasons = backend.capabilities.not_supported_reasons(case, self.selection.device, declared.needs)
+        if not reasons and declared.skip_reason is not None:
+            reasons = [r for r in [declared.skip_reason(backend, case, self.selection.device, self.options)] if r]
+        return reasons
+
+    # -- records ---------------------------------------------------------------------------------
+    def record(self, *, nodeid: str, backend, check: str, case: Case | None, fuzz: bool, outcome: str,
+               duration: float, learnt: dict, report_text: str) -> dict:
+        """The journal record of one test (schema in the README)."""
+        s = self.selection
+        record = {"record": "case", "nodeid": nodeid, "backend": backend.name, "check": check, "device": s.device,
+                  "tier": s.tier, "outcome": str(outcome), "duration_s": round(duration, 6), "fuzz": fuzz}
+        if self.worker:
+            record.update(worker=self.worker, gpu=self.gpu)
+        if case is not None:
+            record.update(case_id=case.id, case=dataclasses.asdict(case), rerun=s.rerun_command(check, backend, case))
+        if Outcome(outcome).in_pytest_terms == "skipped":
+            record["reasons"] = learnt.get("reasons") or (self.skip_reasons(check, backend, case) if case else [])
+        result: CaseResult | None = learnt.get("result")
+        if result is not None and result.verdict is not None:
+            record.update(result.verdict.as_dict())
+        elif result is not None and result.outcome.in_pytest_terms == "failed":
+            record["findings"] = [{"property": str(result.outcome), "message": result.message}]
+        elif outcome == Outcome.FAILED and "findings" not in record:
+            record["findings"] = [{"property": "harness", "message": report_text[-2000:]}]
+        return record
+
+    def contract_breakers(self) -> list[str]:
+        """Backends that returned something other than attention's output (a plug-in or adapter that
+        does not follow the calling convention: a usage error, not a numerical finding)."""
+        return sorted({r["backend"] for r in self.recorder.records
+                       if any(f["property"] == "contract" for f in r.get("findings", []))})
+
+    def untested(self) -> list[str]:
+        """Backends with cases in this run but no passing one, unless --check or --case asked for that."""
+        if self.explicit:
+            return []
+        passed: dict[str, int] = {}
+        for r in self.recorder.records:
+            passed[r["backend"]] = passed.get(r["backend"], 0) + (r["outcome"] == "passed")
+        return [name for name, n in passed.items() if n == 0]
