@@ -116,7 +116,7 @@ def test_a_lab_backend_whose_conformance_did_not_run_blocks_certification():
     assert not rows["flash"]["blocking"]  # a failure outside the core checks is reported, not blocking
     assert not rows["naive"]["blocking"]  # not one of the lab's backends
     assert rows["sdpa-flash"]["blocking"] and rows["sdpa-flash"]["passed"] == 0
-    assert "did not run (pytest exit status 4)" in rows["sdpa-flash"]["first_failure"]
+    assert "did not run to its end (pytest exit status 4)" in rows["sdpa-flash"]["first_failure"]
     assert "unrecognized arguments" in rows["sdpa-flash"]["first_failure"]
     records.append(record("flash", "gradients", "failed"))
     assert _conformance_rows(records, exits)[0][0]["blocking"]
