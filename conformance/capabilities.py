@@ -14,6 +14,7 @@ from conformance.case import ALIGNMENTS, DTYPES, Case
 from conformance.reference import MASKED_ROW_CONVENTIONS, fully_masked_rows
 
 MEMORY_CLASSES = ("linear", "quadratic", "unknown")
+_COUNTS = ("head_dim_min", "head_dim_max", "head_dim_multiple", "seqlen_multiple")  # whole numbers >= 1
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,19 @@ class Capabilities:
             problems.append(f"masked_rows must be one of {MASKED_ROW_CONVENTIONS}")
         if self.memory not in MEMORY_CLASSES:
             problems.append(f"memory must be one of {MEMORY_CLASSES}")
-        if self.head_dim_min > self.head_dim_max:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                problems.append(f"{f.name} must be true or false, not {value!r}")
+            elif f.name in _COUNTS and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                problems.append(f"{f.name} must be a whole number >= 1, not {value!r}")
+        if self.max_seqlen is not None and not (isinstance(self.max_seqlen, int) and self.max_seqlen >= 1):
+            problems.append(f"max_seqlen must be a whole number >= 1 or null, not {self.max_seqlen!r}")
+        if self.head_dims is not None and not all(isinstance(d, int) and d >= 1 for d in self.head_dims):
+            problems.append(f"head_dims must be whole numbers >= 1, not {sorted(self.head_dims, key=str)!r}")
+        if not set(self.devices) <= {"cpu", "cuda"}:
+            problems.append(f"devices must be among ['cpu', 'cuda'], not {sorted(self.devices, key=str)!r}")
+        if not problems and self.head_dim_min > self.head_dim_max:
             problems.append("head_dim_min is above head_dim_max")
         if problems:
             raise ValueError("invalid capabilities: " + "; ".join(problems))

@@ -50,9 +50,14 @@ class KernelProcess:
         self._process.start()
         child.close()
         self._conn = parent
-        if not (parent.poll(STARTUP_LIMIT) and parent.recv() == "ready"):
-            self.stop()
-            raise RuntimeError(f"the kernel process did not start within {STARTUP_LIMIT} s; see {self._log.name}")
+        try:
+            ready = parent.poll(STARTUP_LIMIT) and parent.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            code = self.stop()
+            raise RuntimeError(f"the kernel process did not start ({_describe_exit(code)}): "
+                               f"{_log_excerpt(self._log.name, 0)}")
 
     def stop(self) -> int | None:
         """Kill the process and its group (whatever the kernel started); its exit code."""
@@ -96,7 +101,7 @@ class KernelProcess:
             self.stop()  # the reply, if it ever comes, belongs to nobody: never read it as the next one
             raise
         if status == "ok":
-            return payload
+            return _own(payload)
         if status == "unsupported":
             raise Unsupported(payload)
         if status == "oom":
@@ -170,9 +175,8 @@ class _RemoteFn:
 
     def send(self, args, kwargs, grad):
         shared = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
-        out, handle = self.client.request("call", (self.spec, self.which, tuple(shared(a) for a in args),
-                                                   {k: shared(v) for k, v in kwargs.items()}, grad))
-        return out.clone(), handle
+        return self.client.request("call", (self.spec, self.which, tuple(shared(a) for a in args),
+                                            {k: shared(v) for k, v in kwargs.items()}, grad))
 
 
 class _Differentiable(torch.autograd.Function):
@@ -190,7 +194,19 @@ class _Differentiable(torch.autograd.Function):
     def backward(ctx, dout):
         grads = iter(ctx.remote.client.request("backward", (ctx.handle, dout.detach())))
         back = tuple((next(grads) if g else None) for g in ctx.grad)
-        return (None, None, None, *(None if g is None else g.clone() for g in back))
+        return (None, None, None, *back)
+
+
+def _own(payload):
+    """A reply with every tensor copied into this process's own memory at once: what the kernel's
+    process shared (its memory, its CUDA allocations) can then be released or reused by it."""
+    if isinstance(payload, torch.Tensor):
+        return payload.clone()
+    if isinstance(payload, (list, tuple)):
+        return type(payload)(_own(p) for p in payload)
+    if isinstance(payload, dict):
+        return {k: _own(v) for k, v in payload.items()}
+    return payload
 
 
 def _kill_group(pgid: int) -> None:

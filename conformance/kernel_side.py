@@ -6,10 +6,10 @@ process), but not the verdict on its outputs, which the judge checks itself.
 
 from __future__ import annotations
 
-from conformance import memory
+from conformance import memory, registry
 from conformance.backend import Backend, call
 from conformance.case import Case
-from conformance.inputs import make_inputs
+from conformance.inputs import Inputs, make_inputs
 
 
 def memory_peak(backend: Backend, case: Case, device: str, backward: bool) -> int:
@@ -25,4 +25,16 @@ def memory_peak(backend: Backend, case: Case, device: str, backward: bool) -> in
     return memory.peak_extra_bytes(work, device)
 
 
-PROCEDURES = {"memory_peak": memory_peak}
+def speed_time(backend: Backend, against: str | None, sets: list[Inputs], case: Case, device: str, mode: str,
+               blocks: list[slice], timing: dict) -> dict:
+    """The speed check's timing (checks/speed.py ``time_case``) of ``backend``, and of the backend named
+    ``against`` interleaved with it, on the judge's input sets; returns the samples and the kept rows."""
+    from conformance.checks.speed import time_case
+
+    backends = {"candidate": backend, **({"against": registry.load(against)} if against else {})}
+    backward = mode == "fwdbwd"
+    sets = [Inputs(*(t.requires_grad_(backward) for t in (s.q, s.k, s.v)), s.dout) for s in sets]
+    return time_case(backends, sets, case, device, mode, blocks, **timing)
+
+
+PROCEDURES = {"memory_peak": memory_peak, "speed_time": speed_time}

@@ -98,7 +98,8 @@ class _Worker:
                 from conformance import kernel_side
 
                 name, spec, procedure_args = args
-                return "ok", invoke(spec, kernel_side.PROCEDURES[name], self.backend(spec), *procedure_args)
+                self.last_reply = invoke(spec, kernel_side.PROCEDURES[name], self.backend(spec), *procedure_args)
+                return "ok", self.last_reply
             return "harness", f"unknown request {op!r}"
         except Unsupported as exc:
             return "unsupported", str(exc)

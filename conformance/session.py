@@ -58,6 +58,12 @@ class ConformanceSession:
                         "memory_budget_gb": option("memory_budget"),
                         "gpu_shared_by": workerinput.get(workers.SHARED_KEY, 1)}
         self.crash_streak: dict[str, int] = {}
+        if option("speed_against") and "speed" in self.selection.checks:  # its declaration, read where kernels run
+            against = self.runner.describe([option("speed_against")])[0]
+            if against.backend is None:
+                self.close()
+                raise SelectionError(f"--speed-against: {against.error}")
+            self.options["speed_against_backend"] = against.backend
 
     def close(self) -> None:
         self.runner.close()

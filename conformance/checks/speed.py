@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from conformance import baselines, registry, speed, tiers
-from conformance.backend import Backend, call
+from conformance.backend import Backend, call, run_kernel_side
 from conformance.case import Case
 from conformance.checks.check import Check
 from conformance.expected import expected_for
@@ -65,7 +65,10 @@ def baseline_file(backend: Backend, device: str, options: dict):
 def against_backend(options: dict) -> Backend | None:
     """The backend of ``--speed-against`` (a registered name or an import string), or None."""
     spec = options.get("speed_against")
-    return registry.load(spec) if spec and not options.get("update_baselines") else None
+    if not spec or options.get("update_baselines"):
+        return None
+    # described by the kernel's process when the session runs one (the judge never loads a kernel)
+    return options.get("speed_against_backend") or registry.load(spec)
 
 
 def skip_reason(backend: Backend, case: Case, device: str, options: dict) -> str | None:
@@ -213,7 +216,10 @@ def measure(backends: dict[str, Backend], case: Case, device: str, mode: str, ve
     sets = input_sets(case, device, mode)
     pristine = [s.clone() for s in sets]
     blocks = [row_block(case, rng) for _ in sets]
-    timed = time_case(backends, sets, case, device, mode, [b.slice for b in blocks], **timing)
+    against = backends.get("against")
+    # the kernel side runs where the kernel runs (its process: kernel_side.speed_time), on these input sets
+    timed = run_kernel_side(backends["candidate"], "speed_time", None if against is None else against.name, sets, case,
+                            device, mode, [b.slice for b in blocks], timing)
     check_timed(timed, backends, case, mode, pristine, sets, blocks, verdict, rng)
     timed.pop("kept")
     reference = summarize(timed["reference_samples"])

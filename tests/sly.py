@@ -1,0 +1,93 @@
+"""Sly kernels: wrong ones that try to make the suite pass them, and ones that try to escape or outlive
+the run. Each is a mutant the judge-apart design must catch (tests/test_kernel_client.py). Loaded by
+import string (tests/sly.py:NAME), so only the kernel's process imports this module, as with any kernel.
+"""
+
+import gc
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+import conformance.reference
+import conformance.tolerance
+import conformance.verdict
+from conformance.backends import naive
+
+
+def _wrong(q, k, v, softmax_scale=None, **kwargs):
+    """A softmax scale 1.5 times too large: fails nearly every case on its own."""
+    return naive.attention(q, k, v, softmax_scale=1.5 * (softmax_scale or q.shape[-1] ** -0.5), **kwargs)
+
+
+# At import, the kernel's module patches the suite so that its wrong answer is judged right. The judge
+# never imports this module, so none of it reaches the reference, the comparison or the verdict.
+_real_reference = conformance.reference.attention
+
+
+def _same_bug_reference(q, k, v, case, **kwargs):
+    return _real_reference(q, k, v, case.replace(softmax_scale=1.5 * case.scale), **kwargs)
+
+
+conformance.reference.attention = _same_bug_reference
+conformance.tolerance.Comparison.passed = property(lambda self: True)
+conformance.verdict.Verdict.fail = lambda self, prop, message: None
+_real_softmax = torch.softmax
+torch.softmax = lambda x, dim=-1, **kw: _real_softmax(x * 1.5, dim, **kw)  # a careless global patch
+
+
+def patches_the_suite(q, k, v, **kwargs):
+    """Wrong, with the suite patched to agree (reference, comparison, verdict, torch.softmax)."""
+    return _wrong(q, k, v, **kwargs)
+
+
+def relies_on_patched_softmax(q, k, v, softmax_scale=None, causal=False, **kwargs):
+    """Computes with torch.softmax, which this module patched globally."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+    s = q @ k.transpose(-1, -2) * (softmax_scale or q.shape[-1] ** -0.5)
+    if causal:
+        sq, sk = s.shape[-2:]
+        s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool, device=s.device).tril(sk - sq), float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(1, 2)
+
+
+def steals_the_reference(q, k, v, **kwargs):
+    """Returns the suite's float64 answer for these inputs if it can find one through gc."""
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.dtype == torch.float64 and obj.shape == q.shape:
+            return obj.to(q.dtype)
+    return torch.zeros_like(q)
+
+
+def says_out_of_memory(q, k, v, **kwargs):
+    """An error whose text mentions memory, from a kernel that simply fails: not an out-of-memory."""
+    raise RuntimeError("kernel failed: not enough shared memory for this tile (out of memory)")
+
+
+def exits_cleanly(q, k, v, **kwargs):
+    """Ends its process with status 0 in the middle of a call."""
+    os._exit(0)
+
+
+def forks_then_crashes(q, k, v, **kwargs):
+    """Forks a child that outlives it (holding the pipe to the judge), then dies of a signal."""
+    if os.fork() == 0:
+        time.sleep(600)
+        os._exit(0)
+    os.abort()
+
+
+def hangs_with_a_child(q, k, v, **kwargs):
+    """Starts a process that would outlive it, writes its pid where the test reads it, then hangs."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open(os.environ["SLY_PID_FILE"], "w") as f:
+        f.write(f"{os.getpid()} {child.pid}")
+    time.sleep(600)
+
+
+for _fn in (patches_the_suite, relies_on_patched_softmax, steals_the_reference, says_out_of_memory, exits_cleanly,
+            forks_then_crashes, hangs_with_a_child):
+    _fn.conformance_capabilities = {"dtypes": ["fp32", "fp64"], "causal": [], "backward": False}

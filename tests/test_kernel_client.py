@@ -1,0 +1,172 @@
+"""The judge never shares a process with the kernel: sly kernels (tests/sly.py) cannot fake a pass,
+escape the run, outlive it, or have their verdict attributed to another case."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conformance import isolation, results
+from conformance.backend import KernelCrashed, KernelTimedOut
+from conformance.case import Case
+from conformance.kernel_client import KernelProcess
+
+SLY = (Path(__file__).parent / "sly.py").read_text()
+CASES = "b2_q65_k129_h8_kv2_d64_fp32_seed1,b1_q17_k17_h4_d40_fp64_seed2,b2_q65_k65_h4_d64_fp32_bhsd_seed3," \
+        "b2_q128_k128_h4_d64_fp32_x16_seed4"
+SUITE = ("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "--tier=quick", "--fuzz=off")
+
+
+def run_sly(pytester, kernel, *extra):
+    pytester.makepyfile(sly=SLY)
+    result = pytester.runpytest_subprocess(*SUITE, f"--backend=sly.py:{kernel}", *extra)
+    return result, results.read(pytester.path / "conformance-results.jsonl")
+
+
+@pytest.mark.parametrize("kernel", ["patches_the_suite", "relies_on_patched_softmax", "steals_the_reference"])
+def test_a_kernel_cannot_make_its_wrong_answers_pass(pytester, kernel):
+    result, journal = run_sly(pytester, kernel, "--check=forward", f"--case={CASES}")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert [r["outcome"] for r in journal.cases] == ["failed"] * 4
+
+
+def test_text_that_mentions_memory_is_not_an_out_of_memory(pytester):
+    result, journal = run_sly(pytester, "says_out_of_memory", "--check=forward", "--case=b2_q17_k17_h4_d32_fp32_seed1")
+    assert [r["outcome"] for r in journal.cases] == ["failed"]
+    assert "raised" in journal.cases[0]["findings"][0]["property"]
+
+
+def test_a_kernel_ending_its_process_is_a_crash_not_a_pass(pytester):
+    result, journal = run_sly(pytester, "exits_cleanly", "--check=forward", "--case=b2_q17_k17_h4_d32_fp32_seed1")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED and journal.complete
+    assert journal.cases[0]["outcome"] == "crashed" and "exit code 0" in journal.cases[0]["findings"][0]["message"]
+
+
+def test_fork_then_crash_is_crashed_and_the_child_is_killed(pytester):
+    start = time.monotonic()
+    result, journal = run_sly(pytester, "forks_then_crashes", "--check=forward", "--case=b2_q17_k17_h4_d32_fp32_seed1",
+                              "--case-timeout=300")
+    assert journal.cases[0]["outcome"] == "crashed" and "SIGABRT" in journal.cases[0]["findings"][0]["message"]
+    assert time.monotonic() - start < 250  # decided when the process died, not at the time limit
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:  # a zombie that nobody reaps yet is gone too
+        return f.read().split(") ")[1].startswith("Z")
+
+
+def _wait_for(path: Path, seconds: float = 120) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return [int(x) for x in path.read_text().split()]
+        time.sleep(0.1)
+    raise AssertionError(f"{path} was never written")
+
+
+def test_a_timeout_kills_what_the_kernel_started(pytester, monkeypatch, tmp_path):
+    monkeypatch.setenv("SLY_PID_FILE", str(tmp_path / "pids"))
+    result, journal = run_sly(pytester, "hangs_with_a_child", "--check=forward", "--case=b2_q17_k17_h4_d32_fp32_seed1",
+                              "--case-timeout=3")
+    assert journal.cases[0]["outcome"] == "timed out"
+    worker, child = _wait_for(tmp_path / "pids")
+    time.sleep(0.5)
+    assert _gone(worker) and _gone(child)
+
+
+def test_sigterm_to_the_run_kills_a_hung_kernel_and_its_children(pytester, tmp_path):
+    pytester.makepyfile(sly=SLY)
+    env = {**os.environ, "SLY_PID_FILE": str(tmp_path / "pids")}
+    run = subprocess.Popen([sys.executable, "-m", "pytest", *SUITE, "--backend=sly.py:hangs_with_a_child",
+                            "--check=forward", "--case=b2_q17_k17_h4_d32_fp32_seed1"], cwd=pytester.path, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker, child = _wait_for(tmp_path / "pids")
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(60) != 0
+    time.sleep(0.5)
+    assert _gone(worker) and _gone(child)
+    journal = results.read(pytester.path / "conformance-results.jsonl") if (pytester.path / "conformance-results.jsonl").exists() else None
+    assert journal is None or not journal.complete  # an interrupted run is never read as finished
+
+
+def test_an_interrupted_wait_replaces_the_process_and_replies_stay_with_their_requests(tmp_path):
+    """What pytest-timeout's signal method does: an exception in the middle of a wait."""
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(3)\ndef fn(q, k, v, **kw): return q\n")
+    kernel = KernelProcess(call_timeout=60)
+    try:
+        kernel.describe(["naive"])
+        first = kernel._process.pid
+
+        def interrupt(signum, frame):
+            raise TimeoutError("interrupted by a test timeout")
+
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            with pytest.raises(TimeoutError):
+                kernel.describe([f"{tmp_path}/slow.py:fn"])  # its reply would come 3 s later
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        described = kernel.describe(["tiled"])  # answered by a fresh process, with its own reply
+        assert list(described) == ["tiled"] and kernel._process.pid != first
+    finally:
+        kernel.close()
+
+
+def test_timeouts_and_crashes_surface_as_their_own_exceptions(tmp_path):
+    (tmp_path / "k.py").write_text("import time, os\n"
+                                   "def hang(q, k, v, **kw): time.sleep(600)\n"
+                                   "def die(q, k, v, **kw): os.abort()\n")
+    runner = isolation.Isolated(call_timeout=2)
+    try:
+        rows = {r.spec: r.backend for r in runner.describe([f"{tmp_path}/k.py:hang", f"{tmp_path}/k.py:die"])}
+        case = Case(batch=1, seqlen_q=4, seqlen_k=4, nheads=1, head_dim=8)
+        hung = runner.run("forward", rows[f"{tmp_path}/k.py:hang"], case, "cpu", {})
+        died = runner.run("forward", rows[f"{tmp_path}/k.py:die"], case, "cpu", {})
+        assert hung.outcome == "timed out" and "did not return within 2 s" in hung.message
+        assert died.outcome == "crashed" and "SIGABRT" in died.message
+    finally:
+        runner.close()
+    assert KernelTimedOut and KernelCrashed  # the exceptions the runner turns into these outcomes
+
+
+def test_the_kernel_module_is_never_imported_by_the_judge(pytester):
+    pytester.makepyfile(sly=SLY, conftest="""
+import sys
+def pytest_sessionfinish(session):
+    assert not any("sly" in name for name in sys.modules), "the judge imported the kernel's module"
+""")
+    result = pytester.runpytest_subprocess(*SUITE, "--backend=sly.py:patches_the_suite", "--check=forward",
+                                           "--case=b2_q17_k17_h4_d32_fp32_seed1")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED and "the judge imported" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("declaration, message", [
+    ('{"head_dim_multiple": 0}', "head_dim_multiple must be a whole number >= 1, not 0"),
+    ('{"backward": "false"}', "backward must be true or false, not 'false'"),
+    ('{"varlen": True}', "declares varlen but has no varlen_fn"),
+])
+def test_capability_values_of_the_wrong_type_are_usage_errors(pytester, declaration, message):
+    pytester.makepyfile(k=f"from conformance.backends.naive import attention as f\n"
+                          f"def kernel(*a, **kw): return f(*a, **kw)\nkernel.conformance_capabilities = {declaration}\n")
+    result = pytester.runpytest_subprocess(*SUITE, "--backend=k.py:kernel", "--check=forward")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{message}*"])
+
+
+def test_a_backend_with_no_passing_case_is_not_a_pass(pytester):
+    pytester.makepyfile(k="from conformance.backends.naive import attention as f\n"
+                          "def kernel(*a, **kw): return f(*a, **kw)\n"
+                          "kernel.conformance_capabilities = {'dtypes': ['fp16'], 'head_dims': [512], 'head_dim_max': 512}\n")
+    result = pytester.runpytest_subprocess(*SUITE, "--backend=k.py:kernel")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*nothing tested: no case of backend k.py:kernel passed*"])
