@@ -77,6 +77,12 @@ class KernelProcess:
         return process.exitcode
 
     def close(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            try:
+                self.request("exit", None, timeout=5)
+                self._process.join(5)
+            except Exception:  # noqa: BLE001 - it is killed below in any case
+                pass
         self.stop()
         try:
             os.unlink(self._log.name)

@@ -55,6 +55,9 @@ def serve(conn, log_path: str) -> None:
             request_id, op, args = conn.recv()
         except (EOFError, OSError):  # the judge is gone
             return
+        if op == "exit":  # a clean end: what this process received over CUDA IPC is released as it exits
+            conn.send((request_id, "ok", None))
+            return
         status, payload = worker.handle(op, args)
         try:
             conn.send((request_id, status, payload))

@@ -148,7 +148,7 @@ def test_plugin_stays_out_of_unrelated_runs(pytester):
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     assert not (pytester.path / "conformance-results.jsonl").exists()
-    assert "attention conformance" not in result.stdout.str().split("short test summary")[0].split("passed")[-1]
+    assert "attention conformance" not in result.stdout.str()  # no verdict table of ours
 
 
 def test_wrong_layout_is_a_usage_error_with_the_fix(pytester):
