@@ -104,7 +104,8 @@ def gate(args) -> None:
                     for v in ("A2", "B10", "B25"):
                         j = speed.judge_ab(timed["samples"][v], timed["rounds"][v], timed["samples"]["A"],
                                            timed["rounds"]["A"])
-                        row[f"ab_{v}"] = {"change": j["change"], "threshold": j["threshold"], "flag": j["slower"]}
+                        row[f"ab_{v}"] = {"change": j["change"], "threshold": j["threshold"], "se": j["se"],
+                                          "flag": j["slower"]}
                     for v in versions:
                         j = speed.judge(timed["entries"][v], base)
                         row[f"stored_{v}"] = {"change": j["absolute_change"], "threshold": j["absolute_threshold"],
