@@ -216,10 +216,13 @@ def measure(backends: dict[str, Backend], case: Case, device: str, mode: str, ve
     sets = input_sets(case, device, mode)
     pristine = [s.clone() for s in sets]
     blocks = [row_block(case, rng) for _ in sets]
-    against = backends.get("against")
-    # the kernel side runs where the kernel runs (its process: kernel_side.speed_time), on these input sets
-    timed = run_kernel_side(backends["candidate"], "speed_time", None if against is None else against.name, sets, case,
-                            device, mode, [b.slice for b in blocks], timing)
+    if set(backends) <= {"candidate", "against"}:
+        against = backends.get("against")
+        # the kernel side runs where the kernel runs (its process: kernel_side.speed_time), on these input sets
+        timed = run_kernel_side(backends["candidate"], "speed_time", None if against is None else against.name, sets,
+                                case, device, mode, [b.slice for b in blocks], timing)
+    else:  # several versions of one kernel in this process (tools/speed_gate.py)
+        timed = time_case(backends, sets, case, device, mode, [b.slice for b in blocks], **timing)
     check_timed(timed, backends, case, mode, pristine, sets, blocks, verdict, rng)
     timed.pop("kept")
     reference = summarize(timed["reference_samples"])
