@@ -12,8 +12,10 @@ reference) never counts against it.
 from __future__ import annotations
 
 import atexit
+import io
 import multiprocessing
 import os
+import pickle
 import signal
 import tempfile
 import weakref
@@ -51,7 +53,7 @@ class KernelProcess:
         child.close()
         self._conn = parent
         try:
-            ready = parent.poll(STARTUP_LIMIT) and parent.recv() == "ready"
+            ready = parent.poll(STARTUP_LIMIT) and _load_reply(parent.recv_bytes()) == "ready"
         except (EOFError, OSError):
             ready = False
         if not ready:
@@ -126,10 +128,16 @@ class KernelProcess:
         while True:
             if self._conn.poll(POLL_S):
                 try:
-                    reply_id, status, payload = self._conn.recv()
+                    data = self._conn.recv_bytes()
                 except (EOFError, OSError):  # the process died mid-call: its end of the pipe closed
                     self._process.join(10)
                     raise KernelCrashed(self._death(log_start)) from None
+                try:
+                    reply_id, status, payload = _load_reply(data)
+                except (pickle.UnpicklingError, ValueError, TypeError) as exc:
+                    self.stop()
+                    raise ContractError(f"the kernel's process sent something other than tensors and plain data "
+                                        f"({exc}); the judge does not load it") from None
                 if reply_id == request_id:
                     return status, payload
                 continue  # a reply to an earlier, abandoned request
@@ -201,6 +209,29 @@ class _Differentiable(torch.autograd.Function):
         grads = iter(ctx.remote.client.request("backward", (ctx.handle, dout.detach())))
         back = tuple((next(grads) if g else None) for g in ctx.grad)
         return (None, None, None, *back)
+
+
+class _ReplyUnpickler(pickle.Unpickler):
+    """Unpickles what the kernel's process sends, allowing only what tensors and plain data need (the
+    rebuild functions of torch.multiprocessing, torch's tensor, storage, size, device and dtypes, the
+    file-descriptor hand-over): a reply built to run code in the judge when loaded is refused."""
+
+    ALLOWED = {("torch", "Tensor"), ("torch", "Size"), ("torch", "device"), ("torch.storage", "UntypedStorage"),
+               ("multiprocessing.resource_sharer", "DupFd"), ("conformance.inputs", "Inputs"),
+               *(("torch.multiprocessing.reductions", name) for name in (
+                   "rebuild_tensor", "rebuild_cuda_tensor", "rebuild_storage_fd", "rebuild_storage_empty",
+                   "rebuild_typed_storage", "rebuild_typed_storage_child"))}
+
+    def find_class(self, module, name):
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused {module}.{name}")
+
+
+def _load_reply(data: bytes):
+    return _ReplyUnpickler(io.BytesIO(data)).load()
 
 
 def _own(payload):

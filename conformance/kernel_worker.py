@@ -151,6 +151,8 @@ class _Worker:
             out = out[0]
         if not isinstance(out, torch.Tensor):
             return "contract", f"backend {spec!r} returned {type(out).__name__}, not a tensor"
+        if type(out) is not torch.Tensor:  # a subclass would not be loaded by the judge: send its data
+            out = out.as_subclass(torch.Tensor)
         handle = None
         if leaves and out.requires_grad:
             handle = self.next_handle = self.next_handle + 1

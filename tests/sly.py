@@ -91,3 +91,27 @@ def hangs_with_a_child(q, k, v, **kwargs):
 for _fn in (patches_the_suite, relies_on_patched_softmax, steals_the_reference, says_out_of_memory, exits_cleanly,
             forks_then_crashes, hangs_with_a_child):
     _fn.conformance_capabilities = {"dtypes": ["fp32", "fp64"], "causal": [], "backward": False}
+
+
+class _RunsCodeWhenLoaded(torch.Tensor):
+    """A tensor whose unpickling would run code in whoever loads it."""
+
+    def __reduce_ex__(self, protocol):
+        return (os.system, ("touch " + os.environ.get("SLY_PWNED", "/tmp/sly-pwned"),))
+
+
+def replies_with_code(q, k, v, **kwargs):
+    """Patches the kernel process's reply so that loading it would run a command in the judge."""
+    import conformance.kernel_worker as worker
+
+    real = worker._Worker.call
+
+    def call(self, *args):
+        status, (out, handle) = real(self, *args)
+        return status, (_RunsCodeWhenLoaded(), handle)
+
+    worker._Worker.call = call
+    return naive.attention(q, k, v, **kwargs)
+
+
+replies_with_code.conformance_capabilities = {"dtypes": ["fp32", "fp64"], "causal": [], "backward": False}

@@ -34,6 +34,16 @@ def test_a_kernel_cannot_make_its_wrong_answers_pass(pytester, kernel):
     assert [r["outcome"] for r in journal.cases] == ["failed"] * 4
 
 
+def test_a_reply_that_would_run_code_in_the_judge_is_refused(pytester, monkeypatch, tmp_path):
+    monkeypatch.setenv("SLY_PWNED", str(tmp_path / "pwned"))
+    cases = "b2_q17_k17_h4_d32_fp32_seed1,b2_q33_k33_h4_d32_fp32_seed2"
+    result, journal = run_sly(pytester, "replies_with_code", "--check=forward", f"--case={cases}")
+    assert not (tmp_path / "pwned").exists()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR  # not following the calling convention
+    second = journal.cases[1]["findings"][0]  # the first call installed the patch
+    assert second["property"] == "contract" and "does not load it" in second["message"]
+
+
 def test_text_that_mentions_memory_is_not_an_out_of_memory(pytester):
     result, journal = run_sly(pytester, "says_out_of_memory", "--check=forward", "--case=b2_q17_k17_h4_d32_fp32_seed1")
     assert [r["outcome"] for r in journal.cases] == ["failed"]
