@@ -217,6 +217,7 @@ class _ReplyUnpickler(pickle.Unpickler):
     file-descriptor hand-over): a reply built to run code in the judge when loaded is refused."""
 
     ALLOWED = {("torch", "Tensor"), ("torch", "Size"), ("torch", "device"), ("torch.storage", "UntypedStorage"),
+               ("torch.storage", "TypedStorage"),
                ("multiprocessing.resource_sharer", "DupFd"), ("conformance.inputs", "Inputs"),
                *(("torch.multiprocessing.reductions", name) for name in (
                    "rebuild_tensor", "rebuild_cuda_tensor", "rebuild_storage_fd", "rebuild_storage_empty",
