@@ -107,15 +107,21 @@ def test_speed_against_takes_an_import_string_and_needs_no_baseline(tmp_path):
     assert verdict.measurements["speed_against"] == "conformance.backends.naive:attention"
 
 
-def test_two_times_slower_backend_fails_against_the_recorded_baseline(tmp_path):
+def test_a_much_slower_backend_fails_against_the_recorded_baseline(tmp_path):
+    """End to end through a recorded file. The kernel is made 10x slower than its baseline by editing
+    the file (this machine's CPUs are shared: two timings minutes apart can differ 2x); the verdict's
+    own arithmetic at 2x is proven above on fixed numbers."""
     recorded = execute("speed", naive.BACKEND, SMALL, "cpu", _options(tmp_path, update_baselines=True))
     assert recorded.passed, recorded.message()
     file = baselines.path(tmp_path, baselines.arch_key("cpu"), "naive")
     stored = json.loads(file.read_text())
     assert stored["arch"] == baselines.arch_key("cpu") and set(stored["cases"]) == {f"fwd:{SMALL.id}", f"fwdbwd:{SMALL.id}"}
     assert "gpu" in stored["cases"][f"fwd:{SMALL.id}"]  # the GPU's clock and power (empty on the CPU)
-    slow = dataclasses.replace(naive.BACKEND, fn=_twice)  # same name: judged against naive's baseline
-    verdict = execute("speed", slow, SMALL, "cpu", _options(tmp_path))
+    for entry in stored["cases"].values():
+        for k in ("median_ms", "q1_ms", "q3_ms", "iqr_ms", "min_ms"):
+            entry[k] /= 10
+    baselines.save(file, stored)
+    verdict = execute("speed", naive.BACKEND, SMALL, "cpu", _options(tmp_path))
     assert verdict.failed_properties == {"slower"}
     message = verdict.message()
     assert "slower than" in message and str(file) in message and "IQR" in message and "confirmed by a second" in message
