@@ -73,13 +73,20 @@ def classify(exc: BaseException) -> type[Exception] | None:
     return None
 
 
-def invoke(name: str, fn: Callable, *args, **kwargs):
-    """Call a backend's function, sorting what it raises: ``Unsupported`` as is; the allocator's
-    out-of-memory and context-poisoning errors as ``OutOfMemory`` and ``DeviceFault``; a call its
-    signature refuses as ``ContractError``; anything else as ``KernelRaised``, with where it was raised."""
+def invoke(backend: Backend | None, fn: Callable, *args, **kwargs):
+    """Call a backend's function, sorting what it raises: ``Unsupported`` as is where the backend may
+    refuse at run time (``may_refuse``), else as a failure; the allocator's out-of-memory and
+    context-poisoning errors as ``OutOfMemory`` and ``DeviceFault``; a call its signature refuses as
+    ``ContractError``; anything else as ``KernelRaised``, with where it was raised."""
+    name = backend.name if backend is not None else "?"
     try:
         return fn(*args, **kwargs)
-    except (Unsupported, KernelRaised, KernelCrashed, KernelTimedOut, OutOfMemory, DeviceFault, ContractError):
+    except Unsupported as exc:
+        if backend is not None and backend.may_refuse:
+            raise
+        raise KernelRaised(f"refused a case inside its declaration (Unsupported: {exc}); a plain function "
+                           "declares what it supports in conformance_capabilities instead") from exc
+    except (KernelRaised, KernelCrashed, KernelTimedOut, OutOfMemory, DeviceFault, ContractError):
         raise  # already sorted (a function that runs in the kernel's process)
     except Exception as exc:
         kind = classify(exc)
@@ -110,6 +117,10 @@ class Backend:
     unavailable_reasons: Callable[[], list[str]] = field(default=always_available, compare=False)
     varlen_fn: Callable | None = None
     kvcache_fn: Callable | None = None
+    # An adapter over a library that decides at run time may raise Unsupported for a case inside its
+    # declaration (a skip with the library's reason); a plain function (an import string) may not: there
+    # a refusal is a failure, or every case a kernel gets wrong could be hidden as a skip.
+    may_refuse: bool = True
     # Set on a backend whose functions run in the kernel's process (kernel_client.py): runs a measuring
     # procedure of kernel_side.PROCEDURES there. None: the backend runs here.
     kernel_side: Callable | None = field(default=None, compare=False)
@@ -160,7 +171,7 @@ def kwargs_for(backend: Backend, case: Case, device) -> dict:
 def call(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, case: Case, **extra) -> torch.Tensor:
     """Run the backend and hold its result to the output contract (a tensor shaped like q, same dtype
     and device), so a wrong return is reported as such rather than as a numerical mismatch."""
-    return checked_output(backend, invoke(backend.name, backend.fn, q, k, v, **kwargs_for(backend, case, q.device),
+    return checked_output(backend, invoke(backend, backend.fn, q, k, v, **kwargs_for(backend, case, q.device),
                                           **extra), q)
 
 
@@ -169,7 +180,7 @@ def call_varlen(backend: Backend, q, k, v, cu_seqlens: torch.Tensor, max_seqlen:
     on packed (total_tokens, heads, head_dim) tensors."""
     kwargs = kwargs_for(backend, case, q.device)
     kwargs.pop("causal_alignment", None)  # each packed sequence is square: the alignments coincide
-    out = invoke(backend.name, backend.varlen_fn, q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    out = invoke(backend, backend.varlen_fn, q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
     return checked_output(backend, out, q)
 
 
@@ -179,7 +190,7 @@ def call_kvcache(backend: Backend, q, k_cache, v_cache, k_new, v_new, cache_seql
     keys and values are written into the caches at cache_seqlens, then q attends to the filled part."""
     kwargs = kwargs_for(backend, case, q.device)
     kwargs.pop("causal_alignment", None)  # decoding is bottom-right aligned by definition
-    out = invoke(backend.name, backend.kvcache_fn, q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=cache_seqlens,
+    out = invoke(backend, backend.kvcache_fn, q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=cache_seqlens,
                  **kwargs)
     return checked_output(backend, out, q)
 

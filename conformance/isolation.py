@@ -95,12 +95,23 @@ class Isolated:
         self.kernel = KernelProcess(call_timeout)
 
     def describe(self, specs: list[str]) -> list[Described]:
+        """Each spec as the kernel's process describes it; a reply that is not a declaration of what was
+        asked (missing, malformed, of the wrong types) is that backend's error, never trusted."""
+        replies = self.kernel.describe(specs)
         rows = []
-        for spec, d in self.kernel.describe(specs).items():
-            if "error" in d:
-                rows.append(Described(spec, None, d["error"], not_found=d.get("not_found", False)))
-            else:
-                rows.append(Described(spec, self.kernel.backend(spec, d), unavailable=d["unavailable"]))
+        for spec in specs:
+            d = replies.get(spec) if isinstance(replies, dict) else None
+            try:
+                if isinstance(d, dict) and isinstance(d.get("error"), str):
+                    rows.append(Described(spec, None, d["error"], not_found=d.get("not_found") is True))
+                    continue
+                unavailable = d["unavailable"]
+                if not (isinstance(unavailable, list) and all(isinstance(u, str) for u in unavailable)):
+                    raise TypeError("unavailable reasons are not a list of strings")
+                rows.append(Described(spec, self.kernel.backend(spec, d), unavailable=unavailable))
+            except (TypeError, KeyError, ValueError, AttributeError) as exc:
+                rows.append(Described(spec, None, f"backend {spec!r}: its process sent no valid declaration "
+                                                  f"({type(exc).__name__}: {exc})"))
         return rows
 
     def run(self, check: str, backend: Backend, case: Case, device: str, options: dict) -> CaseResult:

@@ -27,6 +27,7 @@ from conformance.backend import (Backend, ContractError, DeviceFault, KernelCras
 from conformance.capabilities import Capabilities
 
 STARTUP_LIMIT = 300  # seconds for the process to import torch and the suite; not counted in any call's limit
+LOG_TAIL_BYTES = 64 * 1024  # how much of the kernel's log a crash report reads
 POLL_S = 0.2  # how often a wait checks that the process is still alive (a forked child may hold the pipe)
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
@@ -92,9 +93,10 @@ class KernelProcess:
             pass
 
     # -- requests --------------------------------------------------------------------------------
-    def request(self, op: str, args, timeout: float | None = None):
+    def request(self, op: str, args, timeout: float | None = None, like: torch.Tensor | None = None):
         """The reply's payload; the kernel's refusals and errors as the exceptions of backend.py and this
-        module."""
+        module. ``like``: a call's output may have no more elements than this tensor before the judge copies
+        it (a view claiming terabytes must not make the judge run out of memory)."""
         if self._process is None or not self._process.is_alive():
             self.stop()
             self._start()
@@ -109,6 +111,11 @@ class KernelProcess:
             self.stop()  # the reply, if it ever comes, belongs to nobody: never read it as the next one
             raise
         if status == "ok":
+            if like is not None:
+                out, handle = payload
+                if out.numel() > like.numel():  # shape, dtype and device are held to q's after the copy
+                    raise ContractError(f"backend returned shape {tuple(out.shape)} ({out.numel()} elements), more "
+                                        f"than q's {tuple(like.shape)}")
             return _own(payload)
         if status == "unsupported":
             raise Unsupported(payload)
@@ -164,8 +171,12 @@ class KernelProcess:
             self.request("forget", None)
 
     def backend(self, spec: str, described: dict) -> Backend:
-        """The judge's Backend for ``spec``: the declaration it sent, and functions that run there."""
+        """The judge's Backend for ``spec``: the declaration it sent (checked like a user's declaration:
+        a TypeError or ValueError says what is wrong), and functions that run there."""
         decl = described["declaration"]
+        if not (isinstance(decl["capabilities"], dict) and isinstance(decl["description"], str)
+                and all(isinstance(decl[k], bool) for k in ("varlen", "kvcache"))):
+            raise TypeError("declaration fields of the wrong type")
         capabilities = Capabilities().updated(decl["capabilities"])
         return Backend(name=spec, fn=_RemoteFn(self, spec, "fn"), capabilities=capabilities,
                        description=decl["description"], unavailable_reasons=lambda: list(described["unavailable"]),
@@ -190,7 +201,7 @@ class _RemoteFn:
     def send(self, args, kwargs, grad):
         shared = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
         return self.client.request("call", (self.spec, self.which, tuple(shared(a) for a in args),
-                                            {k: shared(v) for k, v in kwargs.items()}, grad))
+                                            {k: shared(v) for k, v in kwargs.items()}, grad), like=args[0])
 
 
 class _Differentiable(torch.autograd.Function):
@@ -290,7 +301,7 @@ def _log_excerpt(path: str, start: int) -> str:
     """What the process wrote since ``start``: from the fatal error's report if there is one (that is
     what says why it died), else its last lines."""
     with open(path, "rb") as f:
-        f.seek(start)
+        f.seek(max(start, os.path.getsize(path) - LOG_TAIL_BYTES))
         lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
     fatal = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
     shown = lines[fatal[-1]: fatal[-1] + 4] if fatal else lines[-4:]

@@ -36,10 +36,15 @@ def _die_with_parent() -> None:
         pass
 
 
+LOG_LIMIT_BYTES = 2**30  # the largest file this process may write (its log; shared memory for what it returns)
+
+
 def serve(conn, log_path: str) -> None:
     os.setpgrp()  # a group of its own: the judge kills it with every process the kernel started
     _die_with_parent()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crashing kernel must not write a core dump of GBs
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the log's limit a write fails (OSError), it does not kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LOG_LIMIT_BYTES, LOG_LIMIT_BYTES))  # a flood cannot fill the disk
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
     os.dup2(log, 1)  # a kernel's prints and a fatal error's traceback go to the log, not the terminal
     os.dup2(log, 2)
@@ -96,12 +101,13 @@ class _Worker:
             if op == "call":
                 return self.call(*args)
             if op == "backward":
-                return "ok", invoke("backward", self.backward, *args)
+                return "ok", invoke(None, self.backward, *args)
             if op == "procedure":
                 from conformance import kernel_side
 
                 name, spec, procedure_args = args
-                self.last_reply = invoke(spec, kernel_side.PROCEDURES[name], self.backend(spec), *procedure_args)
+                self.last_reply = invoke(self.backend(spec), kernel_side.PROCEDURES[name], self.backend(spec),
+                                         *procedure_args)
                 return "ok", self.last_reply
             return "harness", f"unknown request {op!r}"
         except Unsupported as exc:
@@ -146,7 +152,7 @@ class _Worker:
             args = tuple(t.detach().requires_grad_(True) if g else t for t, g in zip(args, grad))
             leaves = tuple(t for t, g in zip(args, grad) if g)
         with torch.enable_grad() if grad is not None else torch.no_grad():
-            out = invoke(spec, fn, *args, **kwargs)
+            out = invoke(backend, fn, *args, **kwargs)
         if isinstance(out, (tuple, list)) and out:
             out = out[0]
         if not isinstance(out, torch.Tensor):

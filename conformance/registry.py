@@ -61,7 +61,8 @@ def from_function(fn, name: str) -> Backend:
         capabilities = Capabilities().updated(declared)
     except (TypeError, ValueError) as exc:
         raise BackendNotFound(f"{name}: invalid {CAPABILITIES_ATTRIBUTE}: {exc}") from None
-    return Backend(name=name, fn=fn, capabilities=capabilities, description=(fn.__doc__ or "").strip().split("\n")[0])
+    return Backend(name=name, fn=fn, capabilities=capabilities, description=(fn.__doc__ or "").strip().split("\n")[0],
+                   may_refuse=False)
 
 
 def _import_string(spec: str):
@@ -95,7 +96,7 @@ def load(spec: str) -> Backend:
     if spec in BUILTIN:
         return importlib.import_module(BUILTIN[spec]).BACKEND
     registered = _registered()
-    if spec in registered:
+    if spec in registered and ":" not in spec:  # an installed package cannot take over an import string
         obj = registered[spec].load()
         # the entry point's name is the backend's name, whatever the object calls itself: the kernel's
         # process loads it by this name again, and the rerun lines print it

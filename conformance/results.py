@@ -64,6 +64,18 @@ class JournalContents:
 _CASE_FIELDS = {"backend": str, "check": str, "outcome": str}
 
 
+def _is_case(record: dict) -> bool:
+    """The fields the summary reads, of the types it reads them as."""
+    def strings(value) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    return (all(isinstance(record.get(k), t) for k, t in _CASE_FIELDS.items())
+            and strings(record.get("reasons", []))
+            and isinstance(record.get("gpu"), (str, type(None))) and isinstance(record.get("worker"), (str, type(None)))
+            and isinstance(record.get("findings", []), list)
+            and all(isinstance(f, dict) and isinstance(f.get("message"), str) for f in record.get("findings", [])))
+
+
 def read(path: str | os.PathLike) -> JournalContents:
     """The run header, the case records and the end record of a journal. A torn last line (a run killed
     while writing it) is dropped; anything else wrong is a ResultsFileError naming the file, the line
@@ -77,6 +89,8 @@ def read(path: str | os.PathLike) -> JournalContents:
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise ResultsFileError(f"results file {path}, line {number}: nested too deeply to be a record") from None
         except json.JSONDecodeError as exc:
             if number == len(lines) and number > 1:
                 break
@@ -91,9 +105,9 @@ def read(path: str | os.PathLike) -> JournalContents:
             header = record
         elif end is not None:
             raise ResultsFileError(f"results file {path}, line {number}: a record after the run's end record")
-        elif kind == "case" and all(isinstance(record.get(k), t) for k, t in _CASE_FIELDS.items()):
+        elif kind == "case" and _is_case(record):
             cases.append(record)
-        elif kind == "end" and isinstance(record.get("exitstatus"), int):
+        elif kind == "end" and type(record.get("exitstatus")) is int:
             end = record
         else:
             raise ResultsFileError(f"results file {path}, line {number}: not a case record (a case record needs "

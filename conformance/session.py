@@ -112,6 +112,8 @@ class ConformanceSession:
             record.update(case_id=case.id, case=dataclasses.asdict(case), rerun=s.rerun_command(check, backend, case))
         if Outcome(outcome).in_pytest_terms == "skipped":
             record["reasons"] = learnt.get("reasons") or (self.skip_reasons(check, backend, case) if case else [])
+            if learnt.get("result") is not None:  # refused or out of memory when run, not by declaration
+                record["at_run_time"] = True
         result: CaseResult | None = learnt.get("result")
         if result is not None and result.verdict is not None:
             record.update(result.verdict.as_dict())
@@ -128,10 +130,11 @@ class ConformanceSession:
                        if any(f["property"] == "contract" for f in r.get("findings", []))})
 
     def untested(self) -> list[str]:
-        """Backends with cases in this run but no passing one, unless --check or --case asked for that."""
-        if self.explicit:
-            return []
+        """Backends with cases in this run but no passing one. Skips by declaration are no warning when
+        --check or --case asked for them; refusals and out-of-memory at run time always count."""
         passed: dict[str, int] = {}
+        refused: dict[str, int] = {}
         for r in self.recorder.records:
             passed[r["backend"]] = passed.get(r["backend"], 0) + (r["outcome"] == "passed")
-        return [name for name, n in passed.items() if n == 0]
+            refused[r["backend"]] = refused.get(r["backend"], 0) + bool(r.get("at_run_time"))
+        return [name for name, n in passed.items() if n == 0 and (refused[name] or not self.explicit)]

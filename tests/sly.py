@@ -115,3 +115,21 @@ def replies_with_code(q, k, v, **kwargs):
 
 
 replies_with_code.conformance_capabilities = {"dtypes": ["fp32", "fp64"], "causal": [], "backward": False}
+
+
+def refuses_what_it_gets_wrong(q, k, v, **kwargs):
+    """Right without GQA; raises the suite's Unsupported for the GQA cases it declares and gets wrong."""
+    from conformance.backend import Unsupported
+
+    if q.shape[2] != k.shape[2]:
+        raise Unsupported("not today")
+    return naive.attention(q, k, v, **kwargs)
+
+
+def returns_a_huge_view(q, k, v, **kwargs):
+    """A tensor that claims far more memory than exists: copying it would end the judge."""
+    return torch.zeros(1, dtype=q.dtype).expand(10**6, 10**6)
+
+
+for _fn in (refuses_what_it_gets_wrong, returns_a_huge_view):
+    _fn.conformance_capabilities = {"dtypes": ["fp32", "fp64"], "causal": [], "backward": False}

@@ -44,6 +44,17 @@ def test_a_reply_that_would_run_code_in_the_judge_is_refused(pytester, monkeypat
     assert second["property"] == "contract" and "does not load it" in second["message"]
 
 
+def test_a_plain_function_cannot_hide_a_wrong_case_as_unsupported(pytester):
+    result, journal = run_sly(pytester, "refuses_what_it_gets_wrong", "--check=forward", f"--case={CASES}")
+    assert [r["outcome"] for r in journal.cases] == ["failed"] * 4  # GQA refused; the others (patched softmax) wrong
+    assert "refused a case inside its declaration" in journal.cases[0]["findings"][0]["message"]
+
+
+def test_a_huge_view_is_refused_before_the_judge_copies_it(pytester):
+    result, journal = run_sly(pytester, "returns_a_huge_view", "--check=forward", "--case=b2_q17_k17_h4_d32_fp32_seed1")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "more than q's" in journal.cases[0]["findings"][0]["message"]
+
+
 def test_text_that_mentions_memory_is_not_an_out_of_memory(pytester):
     result, journal = run_sly(pytester, "says_out_of_memory", "--check=forward", "--case=b2_q17_k17_h4_d32_fp32_seed1")
     assert [r["outcome"] for r in journal.cases] == ["failed"]

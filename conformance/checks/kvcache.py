@@ -43,10 +43,15 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     inputs = make_inputs(case, device)  # k, v: the caches (past cache_seqlens: stale numbers)
     fresh = make_inputs(case, device, seed_offset=1)
     sq = case.seqlen_q
+    # the kernel gets copies: the reference below is computed from tensors it never held
     k_new, v_new = (t[:, :sq].contiguous() for t in (fresh.k, fresh.v))
     k_cache, v_cache = inputs.k.contiguous().clone(), inputs.v.contiguous().clone()
     lengths = torch.tensor(case.cache_seqlens, dtype=torch.int32, device=k_cache.device)
-    out = call_kvcache(backend, inputs.q, k_cache, v_cache, k_new, v_new, lengths, case)
+    given = (inputs.q.clone(), k_new.clone(), v_new.clone(), lengths.clone())
+    out = call_kvcache(backend, *given[:1], k_cache, v_cache, *given[1:], case)
+    for name, now, before in zip(("q", "k", "v", "cache_seqlens"), given, (inputs.q, k_new, v_new, lengths)):
+        if not torch.equal(now, before):
+            verdict.fail("inputs-unmodified", f"the call modified its input {name} in place")
     for b, n in enumerate(case.cache_seqlens):
         for name, cache, before, new in (("k", k_cache, inputs.k, k_new), ("v", v_cache, inputs.v, v_new)):
             want = before[b].clone()

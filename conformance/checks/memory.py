@@ -49,6 +49,8 @@ def run(backend: Backend, case: Case, device: str, options: dict | None = None) 
     budget = options.get("memory_budget_gb")
     for mode in ("fwd", "fwdbwd") if backend.capabilities.backward else ("fwd",):
         points, stopped = _sweep(backend, case, device, lengths, mode == "fwdbwd")
+        if not points:  # nothing measured is no pass: an out-of-memory result of its own
+            raise OutOfMemory(f"{mode}: {stopped or 'no length measured'} (the sweep's first length)")
         result = {"curve": [[n, b] for n, b in points], "stopped": stopped}
         curve = ", ".join(f"{n}: {b / 2**20:.1f} MiB" for n, b in points) + (f", {stopped}" if stopped else "")
         if len(points) >= 2:
