@@ -111,7 +111,7 @@ def problems(env: dict, rows: list[dict]) -> list[Problem]:
                              "or mismatch", "install the toolkit matching torch.version.cuda, or a prebuilt wheel"))
     for row in rows:
         text = " ".join(row["reasons"])
-        if re.search(r"built for|undefined symbol|can't load C\+\+/CUDA extensions|ABI", text):
+        if broken_build(row["reasons"]):
             found.append(Problem("warn", f"{row['name']} built for another torch or Python", text[:600],
                                  f"reinstall {row['name']} built for torch {env['torch']} and Python {env['python']} "
                                  "(pip install --no-build-isolation from source; MAX_JOBS=2 if the build runs out "
@@ -120,6 +120,18 @@ def problems(env: dict, rows: list[dict]) -> list[Problem]:
             found.append(Problem("warn", f"{row['name']} has no kernels for this GPU", text[:400],
                                  "install a build whose TORCH_CUDA_ARCH_LIST includes this GPU's compute capability"))
     return found
+
+
+# What an extension built for another torch, CUDA or Python says when it is imported.
+BROKEN_BUILD = re.compile(r"built for|undefined symbol|can't load C\+\+/CUDA extensions|ABI")
+
+
+def broken_build(reasons: list[str]) -> bool:
+    """A backend whose package is installed but fails to import as a build for another torch or Python.
+    Only the import failures count: a package that is not installed, or a GPU that is missing, is not a broken
+    build, although their texts (our own install hints, e.g. "built for your torch") may match the pattern."""
+    return any(re.match(r"import \S+ failed: ", r) and BROKEN_BUILD.search(r.split(" failed: ", 1)[1])
+               for r in reasons)
 
 
 LAYOUT_HINT = ("flash-attn takes (batch, seqlen, heads, head_dim); SDPA and many tutorials use (batch, heads, "
