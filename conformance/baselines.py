@@ -59,6 +59,20 @@ def machine_info(device: str) -> dict:
     return info
 
 
+LOCAL_DIR = "baselines"
+PACKAGED_DIR = Path(__file__).parent / "_baselines"  # the committed baselines, shipped in the wheel
+
+
+def default_dir(update: bool = False) -> Path:
+    """The --baselines-dir default: ./baselines when the current folder has one (a checkout of this
+    project, or a kernel repository's own committed baselines); else, from an installed package, the
+    baselines shipped with it (read only: --update-baselines writes ./baselines instead)."""
+    local = Path(LOCAL_DIR)
+    if update or local.is_dir() or not PACKAGED_DIR.is_dir():
+        return local
+    return PACKAGED_DIR
+
+
 def path(directory: str | os.PathLike, arch: str, backend: str) -> Path:
     return Path(directory) / arch / (re.sub(r"[^A-Za-z0-9_.-]+", "_", backend) + ".json")
 
