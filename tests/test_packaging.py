@@ -1,12 +1,13 @@
 """The install: what a conformance run needs is a dependency, what only certify uses is the [certify]
 extra, and the committed baselines ship inside the package, found from any folder."""
 
-import pytest
-
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 from pathlib import Path
 
+import pytest
+
 from conformance import baselines
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parent.parent
 
