@@ -1,0 +1,71 @@
+"""The fuzz test through pytest: its profiles registered with hypothesis, a failure shown as the kernel's
+finding (no traceback through this suite), the minimal failing case saved per backend × check and
+replayed first by the next run, in every profile, and dropped once it passes."""
+
+from hypothesis import settings
+
+from conformance import fuzz, fuzz_driver
+
+SUITE = ("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "--tier=quick", "--check=fuzz", "-k", "forward",
+         "--backend=kernel.py:attention")
+
+KERNEL = '''
+import torch
+
+def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ k.transpose(-1, -2) * SCALE
+    if causal:
+        sq, sk = s.shape[-2:]
+        s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq), float("-inf"))
+    return (torch.softmax(s, -1).nan_to_num(0.0) @ v).transpose(1, 2)
+
+attention.conformance_capabilities = {"dtypes": ["fp32"], "backward": False}
+'''
+IGNORES_SCALE = KERNEL.replace("SCALE", "q.shape[-1] ** -0.5")
+CORRECT = KERNEL.replace("SCALE", "(softmax_scale or q.shape[-1] ** -0.5)")
+
+
+def test_profiles_are_registered_and_selectable():
+    for name, values in fuzz.PROFILES.items():
+        registered = settings.get_profile(f"conformance-{name}")
+        assert registered.max_examples == values["max_examples"] and registered.database is None
+        assert registered.print_blob is False and registered.deadline is None
+    before = settings.get_current_profile_name()
+    try:
+        assert fuzz_driver.profile_name("ci") == "conformance-ci"  # a project's own profile does not count
+        settings.load_profile("conformance-thorough")
+        assert fuzz_driver.profile_name("ci") == "conformance-thorough"
+    finally:
+        settings.load_profile(before)
+
+
+def test_one_replay_file_per_backend_and_check(tmp_path):
+    files = {fuzz_driver.replay_file(b, c, tmp_path) for b in ("naive", "k.py:f", "k.py/f") for c in ("forward", "causal")}
+    assert len(files) == 6
+    assert fuzz_driver.replay_file("naive", "forward", tmp_path).name == "naive--forward.txt"
+
+
+def test_failure_is_the_kernels_finding_saved_replayed_and_dropped_once_fixed(pytester):
+    pytester.makepyfile(kernel=IGNORES_SCALE)
+    result = pytester.runpytest_subprocess(*SUITE)
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "forward check failed for backend 'kernel.py:attention' on case" in out and "rerun: pytest" in out
+    assert "Traceback" not in out and "fuzz_driver.py" not in out and "During handling" not in out
+    assert "@reproduce_failure" not in out and "(fuzz profile conformance-ci)" in out
+    (saved,) = (pytester.path / ".hypothesis" / "conformance").glob("kernel.py_attention-*--forward.txt")
+    (case_id,) = saved.read_text().split()
+    assert f"--case={case_id}" in out
+
+    # the next run, in another profile, replays it first: the same case fails again
+    result = pytester.runpytest_subprocess(*SUITE, "--hypothesis-profile=conformance-dev")
+    result.assert_outcomes(failed=1)
+    assert f"--case={case_id}" in result.stdout.str()
+    assert "(fuzz profile conformance-dev; 1 case(s) saved by an earlier run failed again)" in result.stdout.str()
+
+    pytester.makepyfile(kernel=CORRECT)
+    pytester.runpytest_subprocess(*SUITE).assert_outcomes(passed=1)
+    assert not saved.exists()
