@@ -15,6 +15,7 @@ from conformance.reference import MASKED_ROW_CONVENTIONS, fully_masked_rows
 
 MEMORY_CLASSES = ("linear", "quadratic", "unknown")
 _COUNTS = ("head_dim_min", "head_dim_max", "head_dim_multiple", "seqlen_multiple")  # whole numbers >= 1
+ACCUMULATIONS = ("fp32", "input")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class Capabilities:
     varlen: bool = False
     kvcache: bool = False
     dropout: bool = False
+    # For fp16/bf16 inputs, what the kernel accumulates softmax and P·V in: "fp32" as FlashAttention
+    # kernels do (the tolerance's yardstick is then a float32 computation from the rounded inputs), or
+    # "input" as plain PyTorch in the input dtype (the yardstick is that computation). See tolerance.py.
+    accumulation: str = "fp32"
     deterministic_forward: bool = True
     deterministic_backward: bool = False
 
@@ -55,6 +60,8 @@ class Capabilities:
             problems.append(f"causal alignments must be among {ALIGNMENTS}")
         if self.masked_rows not in MASKED_ROW_CONVENTIONS:
             problems.append(f"masked_rows must be one of {MASKED_ROW_CONVENTIONS}")
+        if self.accumulation not in ACCUMULATIONS:
+            problems.append(f"accumulation must be one of {ACCUMULATIONS}")
         if self.memory not in MEMORY_CLASSES:
             problems.append(f"memory must be one of {MEMORY_CLASSES}")
         for f in dataclasses.fields(self):
@@ -158,4 +165,6 @@ class Capabilities:
         causal = "/".join(self.causal) if self.causal else "none"
         return (f"devices {','.join(sorted(self.devices))}; dtypes {','.join(sorted(self.dtypes))}; "
                 f"head dims {self.head_dim_text()}; causal {causal}; masked rows -> {self.masked_rows}; "
-                f"memory {self.memory}; {' '.join(feats)}")
+                f"memory {self.memory}; "
+                + (f"accumulates in the input dtype; " if self.accumulation == "input" else "")
+                + " ".join(feats))

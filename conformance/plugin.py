@@ -9,7 +9,7 @@ import argparse
 
 import pytest
 
-from conformance import fuzz, summary, tiers, workers
+from conformance import fuzz, grid, summary, tiers, workers
 from conformance.checks import CHECKS, CORRECTNESS_CHECKS
 from conformance.fuzz_driver import NotFuzzable, fuzz_check
 from conformance.outcomes import Outcome
@@ -71,7 +71,8 @@ def pytest_addoption(parser):
     group.addoption("--memory-budget", type=_option_type(float), default=None, metavar="GB",
                     help="report the longest sequence each backend reaches within this much extra memory")
     group.addoption("--fuzz", choices=(*fuzz.PROFILES, "off"), default="ci",
-                    help="hypothesis settings of the fuzz test: ci (20 examples, derandomized; default), "
+                    help=f"hypothesis settings of the fuzz test: ci ({fuzz.PROFILES['ci']['max_examples']} examples, "
+                         "derandomized; default), "
                          "dev (100), thorough (1000), off")
 
 
@@ -151,11 +152,11 @@ class Hooks:
         if marker is not None:
             check = CHECKS[marker.args[0]]
             params = []
-            for case in s.cases(check.name):  # case-major, so backends share each case's reference
-                for backend in s.backends():
-                    reasons = session.skip_reasons(check.name, backend, case)
-                    marks = [pytest.mark.skip(reason=f"{backend.name}: {'; '.join(reasons)}")] if reasons else []
-                    params.append(pytest.param(backend, case, marks=marks, id=f"{backend.name}-{case.id}"))
+            # each backend's grid realised in its declared space, case-major (grid.parametrize)
+            for backend, case, unrealised in grid.parametrize(check, s.backends(), s.device, s.tier, s.case_ids):
+                reasons = unrealised or session.skip_reasons(check.name, backend, case)
+                marks = [pytest.mark.skip(reason=f"{backend.name}: {'; '.join(reasons)}")] if reasons else []
+                params.append(pytest.param(backend, case, marks=marks, id=f"{backend.name}-{case.id}"))
             metafunc.parametrize(("attn_backend", "attn_case"), params)
         elif metafunc.definition.get_closest_marker(FUZZ_MARKER) is not None:
             params = [pytest.param(backend, check, id=f"{backend.name}-{check}")
@@ -204,7 +205,7 @@ class Hooks:
         if not records:
             return
         terminalreporter.write_sep("=", "attention conformance")
-        for line in summary.table(records) + summary.measurements(records):
+        for line in summary.table(records) + summary.coverage(records) + summary.measurements(records):
             terminalreporter.write_line(line)
         if self.session.recorder.path:
             terminalreporter.write_line(f"results journal: {self.session.recorder.path}")

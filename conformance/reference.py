@@ -73,57 +73,84 @@ ORDERS = ("scale_q", "scale_k", "scale_scores", "scale_sqrt", "split_sums", "exp
 LOG2E = 1.4426950408889634
 
 
-def _scores(q, k, scale, order):
-    """(batch, heads, seqlen_q, seqlen_k) scaled scores, the scale applied where ``order`` says."""
+def _keep(t):
+    return t
+
+
+def _scores(q, k, scale, order, r=_keep):
+    """(batch, heads, seqlen_q, seqlen_k) scaled scores, the scale applied where ``order`` says; ``r``
+    rounds each intermediate to the storage precision (identity unless emulating a 16-bit computation)."""
     def qk(a, b):
-        return torch.einsum("bqhd,bkhd->bhqk", a, b)
+        return r(torch.einsum("bqhd,bkhd->bhqk", a, b))
 
     if order == "scale_q":  # flash-attn's reference
-        return qk(q * scale, k)
+        return qk(r(q * scale), k)
     if order == "scale_k":  # flash-attn's reference with reorder_ops
-        return qk(q, k * scale)
+        return qk(q, r(k * scale))
     if order == "scale_sqrt":  # SDPA's math backend
-        return qk(q * scale**0.5, k * scale**0.5)
+        return qk(r(q * scale**0.5), r(k * scale**0.5))
     if order == "split_sums" and q.shape[-1] > 1:  # another summation order over the head dim
         half = q.shape[-1] // 2
-        return (qk(q[..., :half], k[..., :half]) + qk(q[..., half:], k[..., half:])) * scale
-    return qk(q, k) * scale  # "scale_scores": the lab notes' textbook order
+        return r(r(qk(q[..., :half], k[..., :half]) + qk(q[..., half:], k[..., half:])) * scale)
+    return r(qk(q, k) * scale)  # "scale_scores": the lab notes' textbook order
 
 
-def _weighted_sum(probs, v, order):
+def _weighted_sum(probs, v, order, r=_keep):
     def pv(p, x):
-        return torch.einsum("bhqk,bkhd->bqhd", p, x)
+        return r(torch.einsum("bhqk,bkhd->bqhd", p, x))
 
     if order == "split_sums" and v.shape[1] > 1:  # another summation order over the keys
         half = v.shape[1] // 2
-        return pv(probs[..., :half], v[:, :half]) + pv(probs[..., half:], v[:, half:])
+        return r(pv(probs[..., :half], v[:, :half]) + pv(probs[..., half:], v[:, half:]))
     return pv(probs, v)
 
 
-def _masked_scores(q, k, case: Case, order: str):
+def _masked_scores(q, k, case: Case, order: str, r=_keep):
     """Scores (batch, heads, seqlen_q, seqlen_k) for expanded k, -inf where masked; also
     tanh(scores / softcap) for the softcap's derivative (None without softcap)."""
-    scores = _scores(q, k, case.scale, order)
+    scores = _scores(q, k, case.scale, order, r)
     capped = None
     if case.softcap:
-        capped = torch.tanh(scores / case.softcap)
-        scores = case.softcap * capped
+        capped = r(torch.tanh(r(scores / case.softcap)))
+        scores = r(case.softcap * capped)
     if case.alibi:
-        scores = scores + alibi_bias(case, q.device, q.dtype)
+        scores = r(scores + alibi_bias(case, q.device, q.dtype))
     ok = allowed(case, q.device)
     if ok is not None:
         scores = scores.masked_fill(~ok, float("-inf"))
     return scores, capped
 
 
-def _softmax(scores, order: str):
+def _softmax(scores, order: str, r=_keep):
     """softmax over keys; "exp2" as FlashAttention kernels do it: exp2 of log2(e)-scaled scores."""
     if order != "exp2":
-        return torch.softmax(scores, dim=-1)
-    scaled = scores * LOG2E
+        return r(torch.softmax(scores, dim=-1))
+    scaled = r(scores * LOG2E)
     top = scaled.amax(dim=-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
-    e = torch.exp2(scaled - top)
-    return e / e.sum(dim=-1, keepdim=True)
+    e = r(torch.exp2(r(scaled - top)))
+    return r(e / r(e.sum(dim=-1, keepdim=True)))
+
+
+# How a 16-bit computation is emulated (float32 arithmetic, intermediates rounded where it stores them):
+# "input": every intermediate in the input dtype, as plain PyTorch in fp16/bf16 (a matmul accumulates
+#   in float32 and rounds its result; so does softmax);
+# "fp32": float32 throughout, only the output rounded, as FlashAttention-style kernels accumulate;
+# "fp32_p": the same, with the probabilities rounded to the input dtype before P·V (and, backward, P
+#   and dS before their matmuls and O before D = rowsum(dO·O)), as those kernels feed tensor cores.
+PRECISIONS = ("input", "fp32", "fp32_p")
+
+
+def _rounders(dtype, precision: str):
+    """(compute dtype, r for every intermediate, r for tensor-core operands) of an emulated computation."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return dtype, _keep, _keep
+
+    def r(t):
+        return t.to(dtype).to(torch.float32)
+
+    if precision == "input":
+        return torch.float32, r, r
+    return torch.float32, _keep, (r if precision == "fp32_p" else _keep)
 
 
 def _zero_masked_rows(probs, case: Case):
@@ -147,7 +174,7 @@ def _fill_masked_rows(out, v, case: Case, masked_rows: str):
 
 
 def attention(q, k, v, case: Case, *, upcast: bool = True, masked_rows: str = "zeros",
-              order: str = "scale_q") -> torch.Tensor:
+              order: str = "scale_q", precision: str = "input") -> torch.Tensor:
     """Attention over (batch, seqlen, heads, head_dim) inputs; returns (batch, seqlen_q, nheads, head_dim).
 
     masked_rows says what a query that may attend to no key returns: "zeros" (flash-attn), "mean_v"
@@ -156,37 +183,43 @@ def attention(q, k, v, case: Case, *, upcast: bool = True, masked_rows: str = "z
     if masked_rows not in MASKED_ROW_CONVENTIONS:
         raise ValueError(f"masked_rows must be one of {MASKED_ROW_CONVENTIONS}")
     dtype = torch.float64 if upcast else q.dtype
-    q, k, v = (t.to(dtype) for t in (q, k, v))
+    compute, r, rt = _rounders(dtype, precision)
+    q, k, v = (t.to(compute) for t in (q, k, v))
     k, v = _expand(k, v, case)
-    scores, _ = _masked_scores(q, k, case, order)
-    probs = _zero_masked_rows(_softmax(scores, order), case)
-    return _fill_masked_rows(_weighted_sum(probs, v, order), v, case, masked_rows)
+    scores, _ = _masked_scores(q, k, case, order, r)
+    probs = rt(_zero_masked_rows(_softmax(scores, order, r), case))
+    return _fill_masked_rows(_weighted_sum(probs, v, order, r), v, case, masked_rows).to(dtype)
 
 
-def flash_backward(q, k, v, dout, case: Case, *, masked_rows: str = "zeros", order: str = "scale_q"):
+def flash_backward(q, k, v, dout, case: Case, *, masked_rows: str = "zeros", order: str = "scale_q",
+                   precision: str = "input"):
     """dq, dk, dv in the inputs' dtype by FlashAttention's backward formulas: P recomputed as
     exp(S - LSE) from the row's log-sum-exp, and dS = P * (dP - D) with D = rowsum(dO * O) taken from
     the output, where autograd uses softmax(S) and rowsum(P * dP). Equal in exact arithmetic, they
     round differently (exp(S - LSE) loses ulp(LSE) when logits are large): both are valid orders."""
+    dtype = q.dtype
+    compute, r, rt = _rounders(dtype, precision)
+    q, k, v, dout = (t.to(compute) for t in (q, k, v, dout))
     b, sq, h, d = q.shape
     kx, vx = _expand(k, v, case)
-    scores, capped = _masked_scores(q, kx, case, order)
-    probs = _zero_masked_rows(torch.exp(scores - torch.logsumexp(scores, dim=-1, keepdim=True)), case)
-    out = _fill_masked_rows(_weighted_sum(probs, vx, order), vx, case, masked_rows)
-    delta = (dout * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # (b, h, sq, 1)
-    dp = torch.einsum("bqhd,bkhd->bhqk", dout, vx)
-    ds = probs * (dp - delta)
+    scores, capped = _masked_scores(q, kx, case, order, r)
+    probs = r(_zero_masked_rows(torch.exp(r(scores - torch.logsumexp(scores, dim=-1, keepdim=True))), case))
+    out = rt(_fill_masked_rows(_weighted_sum(rt(probs), vx, order, r), vx, case, masked_rows))
+    delta = r((dout * out).sum(-1).transpose(1, 2).unsqueeze(-1))  # (b, h, sq, 1)
+    dp = r(torch.einsum("bqhd,bkhd->bhqk", dout, vx))
+    ds = r(probs * r(dp - delta))
     if capped is not None:
-        ds = ds * (1 - capped * capped)
-    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kx) * case.scale
-    dkx = torch.einsum("bhqk,bqhd->bkhd", ds, q) * case.scale
-    dvx = torch.einsum("bhqk,bqhd->bkhd", probs, dout)
+        ds = r(ds * r(1 - capped * capped))
+    ds, pt = rt(ds), rt(probs)
+    dq = r(r(torch.einsum("bhqk,bkhd->bqhd", ds, kx)) * case.scale)
+    dkx = r(r(torch.einsum("bhqk,bqhd->bkhd", ds, q)) * case.scale)
+    dvx = r(torch.einsum("bhqk,bqhd->bkhd", pt, dout))
     empty = fully_masked_rows(case, q.device)
     if empty is not None and masked_rows == "mean_v":  # those rows are mean(V): each key gets dO / seqlen_k
         dvx = dvx + dout[:, empty].sum(dim=1, keepdim=True) / case.seqlen_k
     group = case.nheads // case.nheads_k
     dk, dv = (t.reshape(b, case.seqlen_k, case.nheads_k, group, d).sum(3) for t in (dkx, dvx))
-    return dq, dk, dv
+    return tuple(t.to(dtype) for t in (dq, dk, dv))
 
 
 def term_magnitudes(q, k, v, dout, case: Case, masked_rows: str = "zeros") -> tuple[float, float, float, float]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from conformance import isolation, tiers, workers
+from conformance import grid, isolation, tiers, workers
 from conformance.case import Case
 from conformance.checks import CHECKS
 from conformance.isolation import CaseResult
@@ -94,7 +94,8 @@ class ConformanceSession:
     def skip_reasons(self, check: str, backend, case: Case) -> list[str]:
         """Why a case is not run, decided at collection: outside the declaration, or not measurable here."""
         declared = CHECKS[check]
-        reasons = backend.capabilities.not_supported_reasons(case, self.selection.device, declared.needs)
+        reasons = grid.unrealised_reasons(check, backend, case) or backend.capabilities.not_supported_reasons(
+            case, self.selection.device, declared.needs)
         if not reasons and declared.skip_reason is not None:
             reasons = [r for r in [declared.skip_reason(backend, case, self.selection.device, self.options)] if r]
         return reasons

@@ -88,3 +88,39 @@ def measurements(records: list[dict]) -> list[str]:
                 lines.append(f"  speed {r['backend']} {key}: {x['median_ms']:.3f} ms (IQR {x['iqr_ms']:.3f}), "
                              f"{x['tflops']:.1f} TFLOP/s{pct}{change}")
     return (["measurements:"] + lines) if lines else []
+
+
+# A backend realising fewer correctness cases than this (over forward, gradients, causal, sanity and
+# the feature checks) is named loudly: its green verdict says little about the kernel.
+MIN_REALISED = 20
+UNREALISABLE = "intent not realisable"
+
+
+def coverage(records: list[dict]) -> list[str]:
+    """Per backend and check: cases run (passed or failed) / intents not realisable in the backend's
+    declaration / other skips; a loud line for a backend under MIN_REALISED correctness cases run."""
+    from conformance.checks import CORRECTNESS_CHECKS
+
+    counts: dict = defaultdict(Counter)
+    for r in records:
+        if r.get("fuzz"):
+            continue
+        outcome = PROBLEMS.get(r["outcome"], r["outcome"])
+        if outcome == "skipped":
+            kind = "unrealisable" if any(UNREALISABLE in x for x in r.get("reasons") or []) else "skipped"
+        else:
+            kind = "run"
+        counts[r["backend"], r["check"]][kind] += 1
+    if not counts:
+        return []
+    backends = list(dict.fromkeys(b for b, _ in counts))
+    lines = ["coverage (cases run / intents not realisable / other skips):"]
+    for b in backends:
+        cells = [f"{ch} {c['run']}/{c['unrealisable']}/{c['skipped']}" for (bb, ch), c in counts.items() if bb == b]
+        lines.append(f"  {b}: " + ", ".join(cells))
+        ran = sum(c["run"] for (bb, ch), c in counts.items() if bb == b and ch in CORRECTNESS_CHECKS)
+        checked = any(bb == b and ch in CORRECTNESS_CHECKS for bb, ch in counts)
+        if checked and ran < MIN_REALISED:
+            lines.append(f"  !!! {b}: only {ran} correctness cases ran (minimum {MIN_REALISED}): this verdict covers "
+                         "little of what the kernel is used for; widen its declaration or add cases (--case)")
+    return lines

@@ -96,11 +96,14 @@ def ulp(dtype: torch.dtype, magnitude: float) -> float:
     return info.eps * 2.0 ** math.floor(math.log2(max(magnitude, info.tiny)))
 
 
-def bound(torch_error: float, magnitude: float, dtype: torch.dtype, multiple: float, n: int) -> float:
-    """The rule above, for terms of magnitude T = ``magnitude``."""
+def bound(torch_error: float, magnitude: float, dtype: torch.dtype, multiple: float, n: int,
+          value: float | None = None) -> float:
+    """The rule above, for terms of magnitude T = ``magnitude`` and results of magnitude V = ``value``
+    (max|F|; T when not given)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     reference_error = torch_error if dtype == torch.float64 else 0.0
-    return (multiple * torch_error + reference_error + ulp(dtype, magnitude)
+    value = magnitude if value is None else value
+    return (multiple * torch_error + reference_error + 0.5 * ulp(dtype, value)
             + (math.sqrt(n) + APPROX_EXP_ULPS) * ulp(acc, magnitude))
 
 
@@ -118,5 +121,7 @@ def compare(name: str, actual: torch.Tensor, reference: torch.Tensor, torch_erro
     actual = actual.detach().to(reference.device, torch.float64)
     ref_nan = torch.isnan(reference)
     nonfinite = int(((~torch.isfinite(actual)) & ~ref_nan).sum() + (ref_nan & ~torch.isnan(actual)).sum())
+    finite = reference[torch.isfinite(reference)]
+    value = float(finite.abs().max()) if finite.numel() else 0.0
     return Comparison(name, max_abs_error(actual, reference),
-                      bound(torch_error, magnitude, dtype, multiple, n), torch_error, nonfinite)
+                      bound(torch_error, magnitude, dtype, multiple, n, value), torch_error, nonfinite)

@@ -252,3 +252,47 @@ MUTANTS = [
     _tiled_variant("kvcache-no-write", "kvcache", "cache-update", kvcache_fn=kvcache_no_write),
     _mutant(nondeterministic_backward, "determinism", "backward-deterministic", _tiled_caps()),
 ]
+
+
+def half_accumulator(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right",
+                     block_k=64):
+    """An online-softmax kernel whose output accumulator is in the input dtype (the classic
+    ``acc = tl.zeros(..., dtype=tl.float16)`` slip): scores, max and sum in float32, but every block's
+    rescaled accumulator is rounded to fp16/bf16. Exact in float32/float64; in 16-bit dtypes its error
+    grows with the number of key blocks (about 5x a float32-accumulating kernel's at 4096 keys)."""
+    dtype = q.dtype
+    acc_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float64
+    qh, kh, vh = (t.transpose(1, 2).to(torch.float64 if dtype == torch.float64 else torch.float32)
+                  for t in (q, k, v))
+    group = qh.shape[1] // kh.shape[1]
+    kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+    scale = _scale(q, softmax_scale)
+    sq, sk = qh.shape[-2], kh.shape[-2]
+    offset = sk - sq if causal_alignment == "bottom_right" else 0
+    m = torch.full(qh.shape[:-1], -math.inf, dtype=qh.dtype, device=q.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(qh.shape, dtype=acc_dtype, device=q.device)
+    for c0 in range(0, sk, block_k):
+        s = torch.matmul(qh, kh[..., c0:c0 + block_k, :].transpose(-2, -1)) * scale
+        if causal:
+            i = torch.arange(sq, device=q.device).unsqueeze(1) + offset
+            j = torch.arange(c0, c0 + s.shape[-1], device=q.device).unsqueeze(0)
+            s = s.masked_fill(j > i, -math.inf)
+        m_new = torch.maximum(m, s.amax(dim=-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(s - m_safe.unsqueeze(-1))
+        alpha = torch.exp(m - m_safe)
+        l = l * alpha + p.sum(dim=-1)
+        acc = (acc.to(qh.dtype) * alpha.unsqueeze(-1) + torch.matmul(p.to(dtype).to(qh.dtype), vh[..., c0:c0 + block_k, :])
+               ).to(acc_dtype)
+        m = m_new
+    out = torch.where((l > 0).unsqueeze(-1), acc.to(qh.dtype) / l.clamp_min(1e-30).unsqueeze(-1), 0.0)
+    return out.to(dtype).transpose(1, 2)
+
+
+# Caught only by long half-precision cases (the standard tier's, N >= 4096): kept out of MUTANTS, whose
+# self-tests run the quick grid and the fuzzer's short cases; tests/test_grid.py runs it.
+PRECISION_MUTANTS = [
+    _mutant(half_accumulator, "forward", "forward",
+            _tiled_caps(backward=False, window=False, softcap=False, alibi=False)),
+]

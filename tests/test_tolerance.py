@@ -16,10 +16,10 @@ def test_ulp():
 
 
 def test_bound_formula():
-    expected = 2 * 1e-3 + ulp(torch.float16, 2.0) + (math.sqrt(100) + 2) * ulp(torch.float32, 2.0)
-    assert bound(1e-3, 2.0, torch.float16, 2.0, 100) == pytest.approx(expected)
-    assert bound(0.0, 1.0, torch.float64, 2.0, 4) == pytest.approx(ulp(torch.float64, 1.0) * 5)
-    assert bound(1e-15, 1.0, torch.float64, 2.0, 1) == pytest.approx(3e-15 + 4 * ulp(torch.float64, 1.0))  # + E_ref
+    expected = 2 * 1e-3 + 0.5 * ulp(torch.float16, 0.3) + (math.sqrt(100) + 2) * ulp(torch.float32, 2.0)
+    assert bound(1e-3, 2.0, torch.float16, 2.0, 100, 0.3) == pytest.approx(expected)
+    assert bound(0.0, 1.0, torch.float64, 2.0, 4) == pytest.approx(ulp(torch.float64, 1.0) * 4.5)
+    assert bound(1e-15, 1.0, torch.float64, 2.0, 1) == pytest.approx(3e-15 + 3.5 * ulp(torch.float64, 1.0))  # + E_ref
 
 
 def test_compare_passes_within_and_fails_beyond():

@@ -36,6 +36,7 @@ BACKEND = Backend(
     name="naive",
     fn=attention,
     capabilities=Capabilities(causal=("bottom_right", "top_left"), masked_rows="mean_v", head_dim_max=1024,
+                              accumulation="input",
                               memory="quadratic"),
     description="textbook attention of the lab notes, plain PyTorch",
 )

@@ -15,7 +15,8 @@ class Check:
     needs: backend features it requires beyond the case (capability flags); feature: the case feature
     all its cases exercise (None: plain attention), which the fuzzer draws; measures: it measures
     rather than compares (takes the run's options; not fuzzed, not part of certify's conformance);
-    skip_reason(backend, case, device, options): decided at collection that a case is not measured."""
+    skip_reason(backend, case, device, options): decided at collection that a case is not measured;
+    intents, pairwise: the grid as intents, realised per backend (grid.py)."""
 
     name: str
     cases: Callable[[str], list[Case]]
@@ -24,3 +25,7 @@ class Check:
     feature: str | None = None
     measures: bool = False
     skip_reason: Callable[..., str | None] | None = None
+    # The grid as intents (conformance/grid.py): intents() -> [Intent]; pairwise(caps, device, level) ->
+    # [Intent] over the backend's declared values. Checks without intents keep cases(tier) as it is.
+    intents: Callable[[], list] | None = None
+    pairwise: Callable[..., list] | None = None

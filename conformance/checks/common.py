@@ -22,7 +22,7 @@ def compare_gradients(backend: Backend, case: Case, device: str, verdict: Verdic
         verdict.fail("backward", "output is not differentiable (no autograd graph) although backward is declared")
         return
     grads = torch.autograd.grad(out, (inputs.q, inputs.k, inputs.v), inputs.dout)
-    exp = expected(case, device, backend.capabilities.masked_rows, True)
+    exp = expected(case, device, backend.capabilities.masked_rows, True, backend.capabilities.accumulation)
     for name, grad, ref, err, mag in zip(GRAD_NAMES, grads, exp.grads, exp.grad_torch_errors, exp.grad_magnitudes):
         verdict.add(name, compare(name, grad, ref, err, mag, case.torch_dtype, GRADIENT_MULTIPLE,
                                   max(case.seqlen_q, case.seqlen_k)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from conformance import tiers
+from conformance import grid
 from conformance.backend import Backend, call
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -22,13 +22,23 @@ BASE = Case(batch=2, seqlen_q=257, seqlen_k=257, nheads=4, head_dim=64, dtype="f
 REPEATS = 4
 
 
+def intents() -> list[grid.Intent]:
+    b, it = BASE, grid.intent
+    return [
+        it("backward repeat", b),
+        it("backward repeat, causal, bf16", b.replace(causal="bottom_right", dtype="bf16")),
+        it("backward repeat, GQA, fp16", b.replace(dtype="fp16", nheads=8, nheads_k=2)),
+        *(it(f"backward repeat, 1024 tokens, {dt}{', causal' if c else ''}",
+             b.replace(seqlen_q=1024, seqlen_k=1024, dtype=dt, causal=c), 1, pin=("dtype",))
+          for dt in ("fp16", "bf16") for c in (None, "bottom_right")),
+        *(it(f"backward repeat, 4096 tokens, {dt}, head dim {d}",
+             b.replace(seqlen_q=4096, seqlen_k=4096, dtype=dt, head_dim=d), 2, pin=("dtype",))
+          for dt in ("fp16", "bf16") for d in (64, 128)),
+    ]
+
+
 def cases(tier: str) -> list[Case]:
-    b = BASE
-    quick = [b, b.replace(causal="bottom_right", dtype="bf16"), b.replace(dtype="fp16", nheads=8, nheads_k=2)]
-    standard = [b.replace(seqlen_q=1024, seqlen_k=1024, dtype=dt, causal=c) for dt in ("fp16", "bf16")
-                for c in (None, "bottom_right")]
-    full = [b.replace(seqlen_q=4096, seqlen_k=4096, dtype=dt, head_dim=d) for dt in ("fp16", "bf16") for d in (64, 128)]
-    return tiers.grid(tier, quick, standard, full)
+    return grid.nominal(intents(), tier)
 
 
 def run(backend: Backend, case: Case, device: str) -> Verdict:
@@ -51,4 +61,4 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     return verdict
 
 
-CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents)

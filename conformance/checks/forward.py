@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from conformance import tiers
+from conformance import grid
 from conformance.backend import Backend, call
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -19,47 +19,66 @@ CASE_FEATURE = None  # the case feature the check exercises: every case (fuzzed 
 BASE = Case(batch=2, seqlen_q=128, seqlen_k=128, nheads=4, head_dim=64, dtype="fp32")
 
 
-def cases(tier: str) -> list[Case]:
-    b = BASE
-    quick = [
-        b,
-        b.replace(batch=1, seqlen_q=1, seqlen_k=1),
-        b.replace(seqlen_q=17, seqlen_k=17, head_dim=40),
-        b.replace(seqlen_q=65, seqlen_k=65, head_dim=59),
-        b.replace(batch=1, seqlen_q=257, seqlen_k=257, head_dim=16),
-        b.replace(seqlen_q=17, seqlen_k=129),
-        b.replace(seqlen_q=129, seqlen_k=17),
-        b.replace(seqlen_q=65, seqlen_k=65, head_dim=128),
-        b.replace(batch=1, seqlen_q=64, seqlen_k=64, head_dim=256),
-        b.replace(seqlen_q=65, seqlen_k=65, nheads=8, nheads_k=2),
-        b.replace(seqlen_q=65, seqlen_k=129, nheads=8, nheads_k=1),
-        b.replace(seqlen_q=65, seqlen_k=65, softmax_scale=0.3),
-        b.replace(seqlen_q=65, seqlen_k=65, nheads_k=2, layout="packed"),
-        b.replace(seqlen_q=17, seqlen_k=129, layout="bhsd"),
-        b.replace(seqlen_q=65, seqlen_k=65, magnitude=16),
-        b.replace(seqlen_q=65, seqlen_k=129, dtype="fp16"),
-        b.replace(seqlen_q=129, seqlen_k=65, head_dim=40, dtype="bf16"),
-        b.replace(seqlen_q=65, seqlen_k=65, head_dim=59, dtype="fp64"),
-    ]
-    standard = [
-        *(b.replace(seqlen_q=s, seqlen_k=s) for s in (63, 64, 127, 255, 256)),
-        *(b.replace(seqlen_q=sq, seqlen_k=sk) for sq, sk in ((1, 257), (257, 1), (64, 1000), (1000, 65))),
-        *(b.replace(seqlen_q=65, seqlen_k=65, head_dim=d) for d in (16, 80, 96, 111, 256)),
-        *(b.replace(seqlen_q=65, seqlen_k=129, dtype=dt, nheads=8, nheads_k=kv, layout=lay)
-          for dt, kv, lay in itertools.product(("fp16", "bf16", "fp32"), (8, 2, 1), ("contiguous", "bhsd"))),
-        *(b.replace(seqlen_q=128, seqlen_k=128, dtype=dt, layout="packed") for dt in ("fp16", "bf16", "fp64")),
-        *(b.replace(seqlen_q=65, seqlen_k=65, dtype=dt, magnitude=16) for dt in ("fp16", "bf16", "fp64")),
-        *(b.replace(seqlen_q=65, seqlen_k=129, dtype=dt, softmax_scale=s) for dt in ("fp16", "bf16") for s in (0.05, 1.0)),
-        b.replace(batch=3, seqlen_q=1000, seqlen_k=1000, head_dim=64),
-    ]
-    full = [
-        *(b.replace(seqlen_q=s, seqlen_k=s, head_dim=d, dtype=dt)
+def intents() -> list[grid.Intent]:
+    """What each case is for; realised per backend by grid.realise (dtype, head dim, seqlens adapt)."""
+    b, it = BASE, grid.intent
+    return [
+        it("fp32 baseline", b, pin=("dtype",)),
+        it("a single query and key", b.replace(batch=1, seqlen_q=1, seqlen_k=1), pin=("seqlens",)),
+        it("short odd seqlen, head dim 40", b.replace(seqlen_q=17, seqlen_k=17, head_dim=40)),
+        it("odd head dim 59", b.replace(seqlen_q=65, seqlen_k=65, head_dim=59), pin=("head_dim",)),
+        it("seqlen one block past a boundary", b.replace(batch=1, seqlen_q=257, seqlen_k=257, head_dim=16)),
+        it("seqlen_q < seqlen_k", b.replace(seqlen_q=17, seqlen_k=129)),
+        it("seqlen_q > seqlen_k", b.replace(seqlen_q=129, seqlen_k=17)),
+        it("head dim 128", b.replace(seqlen_q=65, seqlen_k=65, head_dim=128)),
+        it("head dim 256", b.replace(batch=1, seqlen_q=64, seqlen_k=64, head_dim=256), pin=("head_dim",)),
+        it("GQA 8:2", b.replace(seqlen_q=65, seqlen_k=65, nheads=8, nheads_k=2)),
+        it("MQA, seqlen_q < seqlen_k", b.replace(seqlen_q=65, seqlen_k=129, nheads=8, nheads_k=1)),
+        it("custom softmax scale", b.replace(seqlen_q=65, seqlen_k=65, softmax_scale=0.3)),
+        it("packed qkv view (non-contiguous)", b.replace(seqlen_q=65, seqlen_k=65, nheads_k=2, layout="packed")),
+        it("bhsd transposed view (non-contiguous)", b.replace(seqlen_q=17, seqlen_k=129, layout="bhsd")),
+        it("large logits (exp overflows without max subtraction)", b.replace(seqlen_q=65, seqlen_k=65, magnitude=16)),
+        it("fp16, seqlen_q < seqlen_k", b.replace(seqlen_q=65, seqlen_k=129, dtype="fp16")),
+        it("bf16, seqlen_q > seqlen_k, head dim 40", b.replace(seqlen_q=129, seqlen_k=65, head_dim=40, dtype="bf16")),
+        it("fp64 precision, odd head dim", b.replace(seqlen_q=65, seqlen_k=65, head_dim=59, dtype="fp64"),
+           pin=("dtype",)),
+        *(it(f"long {dt} sum (2048 keys)", b.replace(batch=1, seqlen_q=2048, seqlen_k=2048, nheads=1, nheads_k=1, dtype=dt),
+             pin=("dtype",)) for dt in ("fp16", "bf16")),
+        # standard
+        *(it(f"block boundary: seqlen {s}", b.replace(seqlen_q=s, seqlen_k=s), 1) for s in (63, 64, 127, 255, 256)),
+        *(it(f"seqlens {sq}/{sk}", b.replace(seqlen_q=sq, seqlen_k=sk), 1)
+          for sq, sk in ((1, 257), (257, 1), (64, 1000), (1000, 65))),
+        *(it(f"head dim {d}", b.replace(seqlen_q=65, seqlen_k=65, head_dim=d), 1, pin=("head_dim",))
+          for d in (16, 80, 96, 111, 256)),
+        *(it(f"packed view, {dt}", b.replace(seqlen_q=128, seqlen_k=128, dtype=dt, layout="packed"), 1, pin=("dtype",))
+          for dt in ("fp16", "bf16", "fp64")),
+        *(it(f"large logits, {dt}", b.replace(seqlen_q=65, seqlen_k=65, dtype=dt, magnitude=16), 1, pin=("dtype",))
+          for dt in ("fp16", "bf16", "fp64")),
+        *(it(f"scale {sc}, {dt}", b.replace(seqlen_q=65, seqlen_k=129, dtype=dt, softmax_scale=sc), 1, pin=("dtype",))
+          for dt in ("fp16", "bf16") for sc in (0.05, 1.0)),
+        it("batch 3, 1000 tokens", b.replace(batch=3, seqlen_q=1000, seqlen_k=1000), 1),
+        *(it(f"long {dt} sum (4096 keys){', causal' if c else ''}",
+             b.replace(batch=1, seqlen_q=4096, seqlen_k=4096, nheads=1, nheads_k=1, dtype=dt, causal=c), 1, pin=("dtype",))
+          for dt in ("fp16", "bf16") for c in (None, "bottom_right")),
+        it("decode against 8192 keys, bf16", b.replace(batch=1, seqlen_q=1, seqlen_k=8192, nheads=8, nheads_k=2,
+                                                      dtype="bf16"), 1, pin=("dtype",)),
+        # full
+        *(it(f"seqlen {s}, head dim {d}, {dt}", b.replace(seqlen_q=s, seqlen_k=s, head_dim=d, dtype=dt), 2,
+             pin=("dtype", "head_dim"))
           for s, d, dt in itertools.product((1, 17, 129, 1024), (16, 40, 59, 64, 80, 96, 111, 128, 256),
                                             ("fp16", "bf16", "fp32"))),
-        *(b.replace(batch=1, seqlen_q=sq, seqlen_k=sk, nheads=8, nheads_k=2, dtype=dt)
+        *(it(f"GQA seqlens {sq}/{sk}, {dt}", b.replace(batch=1, seqlen_q=sq, seqlen_k=sk, nheads=8, nheads_k=2,
+                                                      dtype=dt), 2, pin=("dtype",))
           for sq, sk in ((2048, 2048), (1, 2048), (2048, 113)) for dt in ("fp16", "bf16")),
     ]
-    return tiers.grid(tier, quick, standard, full)
+
+
+def pairwise_intents(caps, device: str, level: int) -> list[grid.Intent]:
+    return grid.pairwise(BASE, caps, device, level)
+
+
+def cases(tier: str) -> list[Case]:
+    return grid.nominal(intents(), tier)
 
 
 def output_comparison(backend: Backend, case: Case, device: str, out=None) -> Comparison:
@@ -67,7 +86,7 @@ def output_comparison(backend: Backend, case: Case, device: str, out=None) -> Co
     if out is None:
         inputs = make_inputs(case, device)
         out = call(backend, inputs.q, inputs.k, inputs.v, case)
-    exp = expected(case, device, backend.capabilities.masked_rows, False)
+    exp = expected(case, device, backend.capabilities.masked_rows, False, backend.capabilities.accumulation)
     return compare("out", out, exp.out, exp.out_torch_error, exp.out_magnitude, case.torch_dtype, FORWARD_MULTIPLE,
                    max(case.seqlen_q, case.seqlen_k))
 
@@ -78,4 +97,4 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     return verdict
 
 
-CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents, pairwise=pairwise_intents)

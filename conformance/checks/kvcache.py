@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from conformance import tiers
+from conformance import grid
 from conformance.backend import Backend, call_kvcache
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -22,20 +22,29 @@ CASE_FEATURE = "kvcache"  # the case feature the check exercises: every case (fu
 BASE = Case(batch=2, seqlen_q=1, seqlen_k=256, nheads=4, head_dim=64, dtype="fp32", cache_seqlens=(100, 37))
 
 
-def cases(tier: str) -> list[Case]:
-    b = BASE
-    quick = [
-        b,
-        b.replace(seqlen_q=3, causal="bottom_right"),
-        b.replace(seqlen_q=5, cache_seqlens=(0, 251), nheads=8, nheads_k=2, causal="bottom_right"),
-        b.replace(dtype="fp16", nheads=8, nheads_k=1),
-        b.replace(dtype="bf16", seqlen_q=4, causal="bottom_right"),
+def intents() -> list[grid.Intent]:
+    b, it = BASE, grid.intent
+    return [
+        it("decode one token", b),
+        it("decode 3 tokens, causal", b.replace(seqlen_q=3, causal="bottom_right")),
+        it("empty and full caches, GQA, causal", b.replace(seqlen_q=5, cache_seqlens=(0, 251), nheads=8, nheads_k=2,
+                                                           causal="bottom_right")),
+        it("decode, MQA, fp16", b.replace(dtype="fp16", nheads=8, nheads_k=1)),
+        it("decode 4 tokens, causal, bf16", b.replace(dtype="bf16", seqlen_q=4, causal="bottom_right")),
+        *(it(f"cache of 1024, {sq} new, {dt}{', causal' if c else ''}",
+             b.replace(batch=3, seqlen_q=sq, seqlen_k=1024, cache_seqlens=(1000, 513, 7), dtype=dt, causal=c), 1,
+             pin=("dtype",)) for sq in (1, 16) for dt in ("fp16", "bf16") for c in (None, "bottom_right")),
+        *(it(f"cache of 4096, {dt}", b.replace(batch=2, seqlen_q=1, seqlen_k=4096, cache_seqlens=(4000, 2049), dtype=dt,
+                                               nheads=8, nheads_k=2), 1, pin=("dtype",)) for dt in ("fp16", "bf16")),
+        *(it(f"cache of 8192, {sq} new, {dt}, head dim {d}",
+             b.replace(batch=2, seqlen_q=sq, seqlen_k=8192, cache_seqlens=(8000, 4097), dtype=dt, head_dim=d,
+                       causal="bottom_right"), 2, pin=("dtype",))
+          for sq in (1, 64) for dt in ("fp16", "bf16") for d in (64, 128)),
     ]
-    standard = [b.replace(batch=3, seqlen_q=sq, seqlen_k=1024, cache_seqlens=(1000, 513, 7), dtype=dt, causal=c)
-                for sq in (1, 16) for dt in ("fp16", "bf16") for c in (None, "bottom_right")]
-    full = [b.replace(batch=2, seqlen_q=sq, seqlen_k=8192, cache_seqlens=(8000, 4097), dtype=dt, head_dim=d,
-                      causal="bottom_right") for sq in (1, 64) for dt in ("fp16", "bf16") for d in (64, 128)]
-    return tiers.grid(tier, quick, standard, full)
+
+
+def cases(tier: str) -> list[Case]:
+    return grid.nominal(intents(), tier)
 
 
 def run(backend: Backend, case: Case, device: str) -> Verdict:
@@ -63,11 +72,11 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
                         ((inputs.k, k_new), (inputs.v, v_new)))
         sub = case.replace(batch=1, seqlen_k=n + sq, cache_seqlens=None)
         exp = expected_for(Inputs(inputs.q[b: b + 1], keys, values, inputs.dout[b: b + 1]), sub,
-                           backend.capabilities.masked_rows, False)
+                           backend.capabilities.masked_rows, False, backend.capabilities.accumulation)
         verdict.add("kvcache-reference", compare(f"batch item {b} ({n} cached + {sq} new)", out[b: b + 1], exp.out,
                                                  exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
                                                  FORWARD_MULTIPLE, n + sq))
     return verdict
 
 
-CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents)

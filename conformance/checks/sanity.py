@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from conformance import tiers
+from conformance import grid
 from conformance.backend import Backend, call
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -28,19 +28,23 @@ CASE_FEATURE = None  # the case feature the check exercises: every case (fuzzed 
 BASE = Case(batch=2, seqlen_q=128, seqlen_k=128, nheads=4, head_dim=64, dtype="fp32")
 
 
+def intents() -> list[grid.Intent]:
+    b, it = BASE, grid.intent
+    return [
+        it("baseline", b),
+        it("causal, seqlen_q > seqlen_k", b.replace(seqlen_q=129, seqlen_k=65, causal="bottom_right")),
+        it("packed view, fp16", b.replace(seqlen_q=65, seqlen_k=65, dtype="fp16", layout="packed"), pin=("dtype",)),
+        it("bhsd view, GQA, bf16", b.replace(seqlen_q=17, seqlen_k=129, dtype="bf16", layout="bhsd", nheads_k=2),
+           pin=("dtype",)),
+        *(it(f"large logits, {dt}{', top-left causal' if c else ''}", b.replace(dtype=dt, magnitude=16, causal=c), 1,
+             pin=("dtype",)) for dt in ("fp16", "bf16", "fp32") for c in (None, "top_left")),
+        *(it(f"1024 tokens, {dt}", b.replace(seqlen_q=1024, seqlen_k=1024, dtype=dt), 2, pin=("dtype",))
+          for dt in ("fp16", "bf16")),
+    ]
+
+
 def cases(tier: str) -> list[Case]:
-    b = BASE
-    quick = [
-        b,
-        b.replace(seqlen_q=129, seqlen_k=65, causal="bottom_right"),
-        b.replace(seqlen_q=65, seqlen_k=65, dtype="fp16", layout="packed"),
-        b.replace(seqlen_q=17, seqlen_k=129, dtype="bf16", layout="bhsd", nheads_k=2),
-    ]
-    standard = [
-        b.replace(dtype=dt, magnitude=16, causal=c) for dt in ("fp16", "bf16", "fp32") for c in (None, "top_left")
-    ]
-    full = [b.replace(seqlen_q=1024, seqlen_k=1024, dtype=dt) for dt in ("fp16", "bf16")]
-    return tiers.grid(tier, quick, standard, full)
+    return grid.nominal(intents(), tier)
 
 
 def run(backend: Backend, case: Case, device: str) -> Verdict:
@@ -57,7 +61,7 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     if out.untyped_storage().data_ptr() in storages:
         verdict.fail("fresh-output", "the output shares storage with an input")
 
-    expected_nan = torch.isnan(expected(case, device, caps.masked_rows, False).out).to(out.device)
+    expected_nan = torch.isnan(expected(case, device, caps.masked_rows, False, caps.accumulation).out).to(out.device)
     bad = ~torch.isfinite(out) & ~expected_nan
     if bool(bad.any()):
         verdict.fail("finite", f"{int(bad.sum())} NaN/Inf values in the output for finite inputs")
@@ -78,4 +82,4 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     return verdict
 
 
-CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents)

@@ -192,12 +192,12 @@ def check_timed(timed: dict, backends: dict[str, Backend], case: Case, mode: str
             on_set = [i for i, item in enumerate(kept) if item[0] == s]
             for i in sorted(rng.sample(on_set, min(CHECKED_CALLS, len(on_set)))):
                 _, out, dq = kept[i]
-                masked = backend.capabilities.masked_rows
-                if (s, masked) not in expected:
+                masked, acc = backend.capabilities.masked_rows, backend.capabilities.accumulation
+                if (s, masked, acc) not in expected:
                     p = pristine[s]
                     own = Inputs(p.q[:, block.slice], p.k[:, :block.keys], p.v[:, :block.keys], p.dout[:, block.slice])
-                    expected[s, masked] = expected_for(own, block.sub, masked, dq is not None)
-                exp = expected[s, masked]
+                    expected[s, masked, acc] = expected_for(own, block.sub, masked, dq is not None, acc)
+                exp = expected[s, masked, acc]
                 n = max(block.sub.seqlen_q, block.sub.seqlen_k)
                 what = f"{mode} timed call {i} of {label} {backend.name}, rows {block.start}-{block.start + block.rows - 1}"
                 verdict.add("timed-output", compare(f"{what}: output", out, exp.out, exp.out_torch_error,

@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from conformance import tiers
+from conformance import grid
 from conformance.backend import Backend, call_varlen
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -25,21 +25,28 @@ CASE_FEATURE = "varlen"  # the case feature the check exercises: every case (fuz
 BASE = Case(batch=3, seqlen_q=65, seqlen_k=65, nheads=4, head_dim=64, dtype="fp32", varlen=(17, 65, 3))
 
 
-def cases(tier: str) -> list[Case]:
-    b = BASE
-    quick = [
-        b,
-        b.replace(causal="bottom_right"),
-        b.replace(batch=4, seqlen_q=128, seqlen_k=128, varlen=(1, 128, 64, 127), nheads=8, nheads_k=2),
-        b.replace(dtype="fp16", causal="bottom_right"),
-        b.replace(dtype="bf16", nheads=8, nheads_k=1),
+def intents() -> list[grid.Intent]:
+    b, it = BASE, grid.intent
+    return [
+        it("ragged batch", b),
+        it("ragged batch, causal", b.replace(causal="bottom_right")),
+        it("ragged batch with a 1-token sequence, GQA", b.replace(batch=4, seqlen_q=128, seqlen_k=128,
+                                                                  varlen=(1, 128, 64, 127), nheads=8, nheads_k=2)),
+        it("ragged batch, causal, fp16", b.replace(dtype="fp16", causal="bottom_right")),
+        it("ragged batch, MQA, bf16", b.replace(dtype="bf16", nheads=8, nheads_k=1)),
+        *(it(f"ragged batch {lens}, {dt}{', causal' if c else ''}",
+             b.replace(batch=len(lens), seqlen_q=max(lens), seqlen_k=max(lens), varlen=lens, dtype=dt, causal=c), 1,
+             pin=("dtype",))
+          for lens, dt, c in itertools.product(((1000, 1, 257), (64, 64, 64, 64), (129, 255, 33), (2200, 5, 300)),
+                                               ("fp16", "bf16"), (None, "bottom_right"))),
+        *(it(f"ragged batch to 2048, {dt}, head dim {d}",
+             b.replace(batch=3, seqlen_q=2048, seqlen_k=2048, varlen=(2048, 1000, 17), dtype=dt, head_dim=d), 2,
+             pin=("dtype",)) for dt in ("fp16", "bf16") for d in (64, 128)),
     ]
-    standard = [b.replace(batch=len(lens), seqlen_q=max(lens), seqlen_k=max(lens), varlen=lens, dtype=dt, causal=c)
-                for lens, dt, c in itertools.product(((1000, 1, 257), (64, 64, 64, 64), (129, 255, 33)),
-                                                     ("fp16", "bf16"), (None, "bottom_right"))]
-    full = [b.replace(batch=3, seqlen_q=2048, seqlen_k=2048, varlen=(2048, 1000, 17), dtype=dt, head_dim=d)
-            for dt in ("fp16", "bf16") for d in (64, 128)]
-    return tiers.grid(tier, quick, standard, full)
+
+
+def cases(tier: str) -> list[Case]:
+    return grid.nominal(intents(), tier)
 
 
 def _packed(inputs: Inputs, lens) -> tuple[torch.Tensor, ...]:
@@ -57,7 +64,7 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     for i, n in enumerate(lens):
         sub = case.replace(batch=1, seqlen_q=n, seqlen_k=n, varlen=None)
         own = Inputs(*(t[i: i + 1, :n] for t in (inputs.q, inputs.k, inputs.v, inputs.dout)))
-        exp = expected_for(own, sub, backend.capabilities.masked_rows, False)
+        exp = expected_for(own, sub, backend.capabilities.masked_rows, False, backend.capabilities.accumulation)
         verdict.add("varlen-reference", compare(f"sequence {i} (length {n})", out[bounds[i]: bounds[i + 1]].unsqueeze(0),
                                                exp.out, exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
                                                FORWARD_MULTIPLE, n))
@@ -79,4 +86,4 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     return verdict
 
 
-CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents)

@@ -4,7 +4,7 @@ by a single bit."""
 
 from __future__ import annotations
 
-from conformance import tiers
+from conformance import grid
 from conformance.backend import Backend
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -17,24 +17,35 @@ CASE_FEATURE = "window"  # the case feature the check exercises: every case (fuz
 BASE = Case(batch=2, seqlen_q=128, seqlen_k=128, nheads=4, head_dim=64, dtype="fp32", window=(16, 0))
 
 
-def cases(tier: str) -> list[Case]:
-    b = BASE
-    quick = [
-        b,
-        b.replace(window=(8, 8)),
-        b.replace(window=(32, -1), causal="bottom_right"),
-        b.replace(seqlen_q=65, seqlen_k=129, window=(10, 5)),
-        b.replace(seqlen_q=129, seqlen_k=65, window=(3, 3)),
-        b.replace(seqlen_q=129, seqlen_k=65, window=(16, -1), dtype="bf16"),  # unbounded right, seqlen_q > seqlen_k
-        b.replace(seqlen_q=129, seqlen_k=129, window=(-1, 7), dtype="fp16"),
-        b.replace(seqlen_q=65, seqlen_k=65, window=(0, 0), dtype="bf16", nheads=8, nheads_k=2),
+def intents() -> list[grid.Intent]:
+    b, it = BASE, grid.intent
+    return [
+        it("left window", b),
+        it("symmetric window", b.replace(window=(8, 8))),
+        it("window with causal", b.replace(window=(32, -1), causal="bottom_right")),
+        it("window, seqlen_q < seqlen_k", b.replace(seqlen_q=65, seqlen_k=129, window=(10, 5))),
+        it("window, seqlen_q > seqlen_k", b.replace(seqlen_q=129, seqlen_k=65, window=(3, 3))),
+        it("unbounded right edge, seqlen_q > seqlen_k, bf16", b.replace(seqlen_q=129, seqlen_k=65, window=(16, -1),
+                                                                      dtype="bf16")),
+        it("unbounded left edge, fp16", b.replace(seqlen_q=129, seqlen_k=129, window=(-1, 7), dtype="fp16")),
+        it("zero-width window with GQA, bf16", b.replace(seqlen_q=65, seqlen_k=65, window=(0, 0), dtype="bf16",
+                                                        nheads=8, nheads_k=2)),
+        *(it(f"window {w}, seqlens {sq}/{sk}, {dt}{', causal' if c else ''}",
+             b.replace(seqlen_q=sq, seqlen_k=sk, window=w, dtype=dt, causal=c), 1, pin=("dtype",))
+          for sq, sk in ((257, 257), (64, 1000)) for w in ((1, 0), (64, 64), (255, -1))
+          for dt in ("fp16", "bf16") for c in (None, "bottom_right")),
+        *(it(f"window {w} over 2048 tokens, {dt}, head dim {d}",
+             b.replace(seqlen_q=2048, seqlen_k=2048, window=(w, 0), dtype=dt, head_dim=d, causal="bottom_right"), 2,
+             pin=("dtype",)) for w in (128, 1024) for dt in ("fp16", "bf16") for d in (64, 128)),
     ]
-    standard = [b.replace(seqlen_q=sq, seqlen_k=sk, window=w, dtype=dt, causal=c)
-                for sq, sk in ((257, 257), (64, 1000)) for w in ((1, 0), (64, 64), (255, -1))
-                for dt in ("fp16", "bf16") for c in (None, "bottom_right")]
-    full = [b.replace(seqlen_q=2048, seqlen_k=2048, window=(w, 0), dtype=dt, head_dim=d, causal="bottom_right")
-            for w in (128, 1024) for dt in ("fp16", "bf16") for d in (64, 128)]
-    return tiers.grid(tier, quick, standard, full)
+
+
+def pairwise_intents(caps, device: str, level: int) -> list[grid.Intent]:
+    return grid.pairwise(BASE, caps, device, level, feature="window") if caps.window and level >= 1 else []
+
+
+def cases(tier: str) -> list[Case]:
+    return grid.nominal(intents(), tier)
 
 
 def run(backend: Backend, case: Case, device: str) -> Verdict:
@@ -44,4 +55,4 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     return verdict
 
 
-CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE)
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents, pairwise=pairwise_intents)
