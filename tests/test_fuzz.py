@@ -10,8 +10,8 @@ from conformance.case import Case
 from conformance.checks import CHECKS, CORRECTNESS_CHECKS, execute
 from mutants import MUTANTS
 
-SEARCH = settings(max_examples=300, database=None, derandomize=True, deadline=None, phases=[Phase.generate],
-                  suppress_health_check=[HealthCheck.too_slow])
+# The budget real runs use (--fuzz=ci): tools/fuzz_budget.py measures it over random seeds.
+SEARCH = settings(fuzz.profile("ci"), database=None, phases=[Phase.generate])
 
 
 def strategy(backend, check):
@@ -26,6 +26,10 @@ def test_fuzzer_finds_each_mutant(mutant):
 
     found = find(strategy(mutant.backend, mutant.check), caught, settings=SEARCH)
     assert Case.from_id(found.id) == found and caught(found)
+
+
+def test_the_default_budget_is_the_documented_one():
+    assert fuzz.PROFILES["ci"]["max_examples"] == 40
 
 
 def test_a_failure_shrinks_to_a_minimal_case():

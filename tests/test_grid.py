@@ -91,7 +91,8 @@ attention.conformance_capabilities = %r
 def test_a_narrowly_declared_kernel_is_tested_in_its_own_space(pytester):
     pytester.makepyfile(narrow=NARROW_KERNEL)
     result = pytester.runpytest("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "--tier=quick",
-                                "--backend=narrow.py:attention", "--check=forward,gradients", "--fuzz=off")
+                                "--backend=narrow.py:attention", "--check=forward,gradients", "--fuzz=off",
+                                "--isolation=none")
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes["passed"] >= 20, outcomes
     ran = {check: sum(1 for line in result.outlines if line.startswith("  narrow") and f"{check} " in line)
@@ -105,7 +106,7 @@ def test_a_narrowly_declared_kernel_is_tested_in_its_own_space(pytester):
 def test_a_backend_with_few_realised_cases_is_named_loudly(pytester):
     pytester.makepyfile(narrow=NARROW_KERNEL.replace('"seqlen_multiple": 128', '"seqlen_multiple": 4096'))
     result = pytester.runpytest("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "--tier=quick",
-                                "--backend=narrow.py:attention", "--check=sanity", "--fuzz=off")
+                                "--backend=narrow.py:attention", "--check=sanity", "--fuzz=off", "--isolation=none")
     result.stdout.fnmatch_lines(["*!!! narrow.py:attention: only * correctness cases ran (minimum 20)*"])
 
 

@@ -31,6 +31,8 @@ def intents() -> list[grid.Intent]:
         it("fp16", b.replace(dtype="fp16"), pin=("dtype",)),
         it("bf16, seqlen_q < seqlen_k", b.replace(dtype="bf16", seqlen_k=129), pin=("dtype",)),
         it("fp64 precision", b.replace(dtype="fp64", head_dim=40), pin=("dtype",)),
+        it("long bf16 sums (1024 keys)", b.replace(batch=1, seqlen_q=1024, seqlen_k=1024, nheads=1, nheads_k=1,
+                                                  dtype="bf16"), pin=("dtype",)),
         # standard
         *(it(f"block boundary: seqlen {s}", b.replace(seqlen_q=s, seqlen_k=s), 1) for s in (1, 64, 127, 128, 255)),
         *(it(f"head dim {d}", b.replace(head_dim=d), 1, pin=("head_dim",)) for d in (16, 80, 96, 111, 128, 256)),
