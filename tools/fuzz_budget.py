@@ -23,7 +23,7 @@ from mutants import MUTANTS  # noqa: E402
 
 def found(mutant, examples: int, seed: int) -> bool:
     module = CHECKS[mutant.check]
-    strategy = fuzz.cases(mutant.backend.capabilities, "cpu", module.NEEDS, module.CASE_FEATURE)
+    strategy = fuzz.cases(mutant.backend.capabilities, "cpu", module.needs, module.feature)
     budget = settings(max_examples=examples, database=None, deadline=None, phases=[Phase.generate],
                       suppress_health_check=list(HealthCheck))
     try:
