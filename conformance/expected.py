@@ -52,6 +52,17 @@ def yardstick_precisions(dtype: torch.dtype, accumulation: str) -> tuple[str, ..
     return ("input",) if accumulation == "input" else ("fp32", "fp32_p")
 
 
+def gradient_precisions(dtype: torch.dtype, accumulation: str) -> tuple[str, ...]:
+    """For dq, dk, dv of 16-bit inputs, the input-dtype computation too: a FlashAttention backward
+    recomputes P from the forward's log-sum-exp and takes D from the 16-bit output, and where logits
+    are large and the gradient cancels (a peaked softmax) its error depends on how the forward and
+    backward scores were summed, which no single float32 evaluation order reproduces (flash-attn on the
+    H100: dq 11x the float32 yardstick on a decode case with logits ~256; docs/tolerance.md). The
+    outputs keep the float32 yardstick."""
+    own = yardstick_precisions(dtype, accumulation)
+    return own if "input" in own else (*own, "input")
+
+
 @functools.lru_cache(maxsize=48)
 def _expected(case: Case, device: str, masked_rows: str, grads: bool, accumulation: str) -> Expected:
     return expected_for(make_inputs(case, device), case, masked_rows, grads, accumulation)
@@ -71,13 +82,15 @@ def expected_for(inputs: Inputs, case: Case, masked_rows: str, grads: bool, accu
     """For given inputs of the case's shape (a sequence cut from a packed batch, a filled KV cache)."""
     out, ref_grads = _attention_and_grads(inputs, case, grads, masked_rows=masked_rows)
     out_err, grad_errs = 0.0, [0.0, 0.0, 0.0]
-    for precision in yardstick_precisions(case.torch_dtype, accumulation):
+    for precision in gradient_precisions(case.torch_dtype, accumulation) if grads else \
+            yardstick_precisions(case.torch_dtype, accumulation):
         # the tensor-core rounding of P is one more variant of the two orders kernels use
         orders = reference.ORDERS if precision != "fp32_p" else ("scale_q", "exp2")
         for order in orders:
             p_out, p_grads = _attention_and_grads(inputs, case, grads, upcast=False, masked_rows=masked_rows,
                                                   order=order, precision=precision)
-            out_err = max(out_err, max_abs_error(p_out, out))
+            if precision in yardstick_precisions(case.torch_dtype, accumulation):
+                out_err = max(out_err, max_abs_error(p_out, out))
             if grads:
                 flash_grads = reference.flash_backward(inputs.q, inputs.k, inputs.v, inputs.dout, case,
                                                        masked_rows=masked_rows, order=order, precision=precision)
