@@ -187,7 +187,8 @@ def test_capability_values_of_the_wrong_type_are_usage_errors(pytester, declarat
 def test_a_backend_with_no_passing_case_is_not_a_pass(pytester):
     pytester.makepyfile(k="from conformance.backends.naive import attention as f\n"
                           "def kernel(*a, **kw): return f(*a, **kw)\n"
-                          "kernel.conformance_capabilities = {'dtypes': ['fp16'], 'head_dims': [512], 'head_dim_max': 512}\n")
+                          "kernel.conformance_capabilities = {'dtypes': ['fp16'], 'head_dims': [512], 'head_dim_max': 512,"
+                          " 'seqlen_multiple': 8192, 'max_seqlen': 4096}\n")  # no realisable case: every seqlen > max
     result = pytester.runpytest_subprocess(*SUITE, "--backend=k.py:kernel")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*nothing tested: no case of backend k.py:kernel passed*"])
