@@ -22,6 +22,11 @@ difference. It passes when
   * fp16 and bf16 inputs, a backend declaring ``accumulation="input"`` (naive: plain PyTorch in the
     input dtype): that computation, every intermediate rounded to the dtype (emulated in float32, as
     PyTorch's 16-bit matmuls and softmax accumulate in float32 and round their results).
+  * dq, dk, dv of fp16/bf16 inputs: the worst of both (``expected.gradient_precisions``). A
+    FlashAttention backward recomputes P from the forward's log-sum-exp and takes D from the 16-bit
+    output; where logits are large and a gradient cancels, its error depends on how the forward and the
+    backward summed the scores, which no float32 evaluation order reproduces (flash-attn and SDPA's
+    flash kernel on the H100: dq 11x the float32 yardstick on a one-query case with logits ~256).
 - E_ref is the reference's own error. The reference is float64, so against 16- and 32-bit dtypes it
   is negligible (below the last term) and taken as 0; for float64 inputs it is as large as the
   backend's, and is estimated the same way, by reordering: E_ref = E_y.
