@@ -92,10 +92,33 @@ def load(file: Path, arch: str) -> dict | None:
     return data
 
 
+def apply(updates: list[dict]) -> list[tuple[Path, int]]:
+    """Write a run's baseline updates (the speed check's ``baseline_update`` measurements, from every
+    worker): each file once, its stored cases merged with every update to it. Returns (file, number of
+    entries written) per file."""
+    by_file: dict[str, list[dict]] = {}
+    for update in updates:
+        by_file.setdefault(update["file"], []).append(update)
+    written = []
+    for name, group in by_file.items():
+        file, last = Path(name), group[-1]
+        data = load(file, last["arch"]) or {"schema": SCHEMA, "arch": last["arch"], "backend": last["backend"],
+                                            "cases": {}}
+        data.update(machine_info=last["machine_info"], reference_kernel=last["reference_kernel"])
+        for update in group:
+            data["cases"].update(update["cases"])
+        save(file, data)
+        written.append((file, sum(len(u["cases"]) for u in group)))
+    return written
+
+
 def save(file: Path, data: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename over the old one."""
+    """Write atomically: a temporary file in the same folder, then a rename over the old one. Temporary
+    files that a killed save left behind are removed first."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+    for stale in file.parent.glob(f".{file.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, sort_keys=True)

@@ -209,6 +209,8 @@ class Hooks:
             terminalreporter.write_line(line)
         if self.session.recorder.path:
             terminalreporter.write_line(f"results journal: {self.session.recorder.path}")
+        for file, entries in self.session.baselines_written:
+            terminalreporter.write_line(f"baselines written: {file} ({entries} entries from this run)")
         for name in self.session.contract_breakers():
             terminalreporter.write_line(f"usage error: backend {name} does not follow the calling convention "
                                         "(see its [contract] findings); exit status 4", red=True)
@@ -218,6 +220,7 @@ class Hooks:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session, exitstatus):
+        self.session.baselines_written = self.session.write_baselines()
         if self.session.contract_breakers():
             session.exitstatus = pytest.ExitCode.USAGE_ERROR
         elif self.session.untested() and session.exitstatus == pytest.ExitCode.OK:

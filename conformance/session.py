@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from conformance import grid, isolation, tiers, workers
+from conformance import baselines, grid, isolation, tiers, workers
 from conformance.case import Case
 from conformance.checks import CHECKS
 from conformance.isolation import CaseResult
@@ -58,6 +58,7 @@ class ConformanceSession:
                         "memory_budget_gb": option("memory_budget"),
                         "gpu_shared_by": workerinput.get(workers.SHARED_KEY, 1)}
         self.crash_streak: dict[str, int] = {}
+        self.baselines_written: list[tuple] = []
         if option("speed_against") and "speed" in self.selection.checks:  # its declaration, read where kernels run
             against = self.runner.describe([option("speed_against")])[0]
             if against.backend is None:
@@ -139,3 +140,11 @@ class ConformanceSession:
             passed[r["backend"]] = passed.get(r["backend"], 0) + (r["outcome"] == "passed")
             refused[r["backend"]] = refused.get(r["backend"], 0) + bool(r.get("at_run_time"))
         return [name for name, n in passed.items() if n == 0 and (refused[name] or not self.explicit)]
+
+    def write_baselines(self) -> list[tuple]:
+        """--update-baselines: every worker's measurements, each baseline file written once."""
+        if self.worker:  # under pytest-xdist the controller writes them, from the workers' records
+            return []
+        updates = [r["measurements"]["baseline_update"] for r in self.recorder.records
+                   if "baseline_update" in (r.get("measurements") or {})]
+        return baselines.apply(updates) if updates else []

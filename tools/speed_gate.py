@@ -70,6 +70,8 @@ def record(args) -> None:
                 continue
             if not verdict.passed:
                 failed.append(verdict.message())
+            else:
+                baselines.apply([verdict.measurements["baseline_update"]])
         print(f"recorded {name} {tier}: {time.time() - t0:.0f} s, {len(failed)} refused, {skipped} unsupported",
               flush=True)
         for message in failed:
