@@ -23,6 +23,7 @@ from conformance.backend import Backend, DeviceFault, KernelCrashed, KernelTimed
 from conformance.case import Case
 from conformance.checks import HarnessError, execute
 from conformance.kernel_client import KernelProcess
+from conformance.options import RunOptions
 from conformance.outcomes import Outcome
 from conformance.verdict import Verdict
 
@@ -45,7 +46,7 @@ class Described:
     unavailable: list[str] = dataclasses.field(default_factory=list)
 
 
-def _judge(check: str, backend: Backend, case: Case, device: str, options: dict) -> CaseResult:
+def _judge(check: str, backend: Backend, case: Case, device: str, options: RunOptions) -> CaseResult:
     try:
         verdict = execute(check, backend, case, device, options)
     except Unsupported as exc:
@@ -81,7 +82,7 @@ class InProcess:
             rows.append(Described(spec, backend, unavailable=list(backend.unavailable_reasons())))
         return rows
 
-    def run(self, check: str, backend: Backend, case: Case, device: str, options: dict) -> CaseResult:
+    def run(self, check: str, backend: Backend, case: Case, device: str, options: RunOptions) -> CaseResult:
         return _judge(check, backend, case, device, options)
 
     def close(self) -> None:
@@ -114,7 +115,7 @@ class Isolated:
                                                   f"({type(exc).__name__}: {exc})"))
         return rows
 
-    def run(self, check: str, backend: Backend, case: Case, device: str, options: dict) -> CaseResult:
+    def run(self, check: str, backend: Backend, case: Case, device: str, options: RunOptions) -> CaseResult:
         try:
             self.kernel.forget()
         except (KernelCrashed, KernelTimedOut):

@@ -11,6 +11,7 @@ from conformance import baselines, grid, isolation, tiers, workers
 from conformance.case import Case
 from conformance.checks import CHECKS
 from conformance.isolation import CaseResult
+from conformance.options import RunOptions
 from conformance.outcomes import Outcome
 from conformance.results import Recorder
 from conformance.selection import Selection, SelectionError
@@ -53,10 +54,10 @@ class ConformanceSession:
         self.crash_limit = option("crash_limit")
         self.fuzz_profile = option("fuzz")
         self.explicit = bool(option("check") or option("case"))  # skips the user asked for are no warning
-        self.options = {"tier": self.selection.tier, "baselines_dir": option("baselines_dir"),
-                        "update_baselines": option("update_baselines"), "speed_against": option("speed_against"),
-                        "memory_budget_gb": option("memory_budget"),
-                        "gpu_shared_by": workerinput.get(workers.SHARED_KEY, 1)}
+        self.options = RunOptions(tier=self.selection.tier, baselines_dir=option("baselines_dir"),
+                                  update_baselines=option("update_baselines"), speed_against=option("speed_against"),
+                                  memory_budget_gb=option("memory_budget"),
+                                  gpu_shared_by=workerinput.get(workers.SHARED_KEY, 1))
         self.crash_streak: dict[str, int] = {}
         self.baselines_written: list[tuple] = []
         if option("speed_against") and "speed" in self.selection.checks:  # its declaration, read where kernels run
@@ -64,7 +65,7 @@ class ConformanceSession:
             if against.backend is None:
                 self.close()
                 raise SelectionError(f"--speed-against: {against.error}")
-            self.options["speed_against_backend"] = against.backend
+            self.options = self.options.replace(speed_against_backend=against.backend)
 
     def close(self) -> None:
         self.runner.close()

@@ -14,6 +14,7 @@ from conformance import isolation, results
 from conformance.backend import KernelCrashed, KernelTimedOut
 from conformance.case import Case
 from conformance.kernel_client import KernelProcess
+from conformance.options import RunOptions
 
 SLY = (Path(__file__).parent / "sly.py").read_text()
 CASES = "b2_q65_k129_h8_kv2_d64_fp32_seed1,b1_q17_k17_h4_d40_fp64_seed2,b2_q65_k65_h4_d64_fp32_bhsd_seed3," \
@@ -151,8 +152,8 @@ def test_timeouts_and_crashes_surface_as_their_own_exceptions(tmp_path):
     try:
         rows = {r.spec: r.backend for r in runner.describe([f"{tmp_path}/k.py:hang", f"{tmp_path}/k.py:die"])}
         case = Case(batch=1, seqlen_q=4, seqlen_k=4, nheads=1, head_dim=8)
-        hung = runner.run("forward", rows[f"{tmp_path}/k.py:hang"], case, "cpu", {})
-        died = runner.run("forward", rows[f"{tmp_path}/k.py:die"], case, "cpu", {})
+        hung = runner.run("forward", rows[f"{tmp_path}/k.py:hang"], case, "cpu", RunOptions())
+        died = runner.run("forward", rows[f"{tmp_path}/k.py:die"], case, "cpu", RunOptions())
         assert hung.outcome == "timed out" and "did not return within 2 s" in hung.message
         assert died.outcome == "crashed" and "SIGABRT" in died.message
     finally:

@@ -12,6 +12,7 @@ import torch
 from conformance import baselines, speed
 from conformance.backends import naive
 from conformance.case import Case
+from conformance.options import RunOptions
 from conformance.checks import execute
 from conformance.checks import speed as speed_check
 from conformance.expected import expected_for
@@ -26,7 +27,7 @@ FORWARD_ONLY = dataclasses.replace(naive.BACKEND.capabilities, backward=False)
 
 
 def _options(tmp_path, **more):
-    return {"baselines_dir": str(tmp_path), "allow_cpu_timing": True, **more}
+    return RunOptions(baselines_dir=str(tmp_path), allow_cpu_timing=True, **more)
 
 
 def _twice(*args, **kwargs):
@@ -102,7 +103,7 @@ def test_speed_against_takes_an_import_string_and_needs_no_baseline(tmp_path):
     options = _options(tmp_path, speed_against="conformance.backends.naive:attention")
     assert speed_check.skip_reason(naive.BACKEND, SMALL, "cpu", options) is None
     assert "unknown backend" in speed_check.skip_reason(naive.BACKEND, SMALL, "cpu", _options(tmp_path, speed_against="nope"))
-    verdict = execute("speed", naive.BACKEND, SMALL, "cpu", {**options, "speed_timing": {"max_reps": 12}})
+    verdict = execute("speed", naive.BACKEND, SMALL, "cpu", options.replace(speed_timing={"max_reps": 12}))
     assert verdict.passed, verdict.message()
     assert verdict.measurements["speed_against"] == "conformance.backends.naive:attention"
 
@@ -233,7 +234,7 @@ def test_baseline_files_are_validated_and_keyed_by_architecture(tmp_path):
 
 
 def test_speed_check_needs_a_gpu_unless_told_otherwise():
-    assert "times CUDA devices" in speed_check.skip_reason(naive.BACKEND, SMALL, "cpu", {})
+    assert "times CUDA devices" in speed_check.skip_reason(naive.BACKEND, SMALL, "cpu", RunOptions())
 
 
 def test_flop_count():

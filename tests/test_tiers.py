@@ -6,6 +6,7 @@ import pytest
 from conformance import tiers
 from conformance.backends import naive
 from conformance.checks import CHECKS, memory
+from conformance.options import RunOptions
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_builtin_tiers_are_declared_once():
 def test_an_added_tier_works_everywhere(smoke_tier, pytester):
     for check in CHECKS:  # every grid accepts it, at its level
         assert [c.id for c in CHECKS[check].cases("smoke")] == [c.id for c in CHECKS[check].cases("quick")]
-    verdict = memory.run(naive.BACKEND, memory.cases("smoke")[0], "cpu", options={"tier": "smoke"})
+    verdict = memory.run(naive.BACKEND, memory.cases("smoke")[0], "cpu", options=RunOptions(tier="smoke"))
     assert [n for n, _ in verdict.measurements["fwd"]["curve"]] == [64, 128]
     result = pytester.runpytest("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "--tier=smoke",
                                 "--backend=naive", "--check=sanity", "--fuzz=off")

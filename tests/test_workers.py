@@ -5,6 +5,7 @@ import json
 
 from conformance import workers
 from conformance.case import Case
+from conformance.options import RunOptions
 from conformance.checks import speed
 from conformance.backends import naive
 
@@ -48,9 +49,9 @@ def test_pinning_narrows_the_worker_to_its_gpu():
 
 def test_speed_cases_never_share_a_gpu():
     case = Case(batch=1, seqlen_q=64, seqlen_k=64, nheads=2, head_dim=16, dtype="fp16")
-    reason = speed.skip_reason(naive.BACKEND, case, "cuda", {"gpu_shared_by": 2, "update_baselines": True})
+    reason = speed.skip_reason(naive.BACKEND, case, "cuda", RunOptions(gpu_shared_by=2, update_baselines=True))
     assert reason and "shares its GPU with 1 other" in reason
-    assert speed.skip_reason(naive.BACKEND, case, "cuda", {"gpu_shared_by": 1, "update_baselines": True}) is None
+    assert speed.skip_reason(naive.BACKEND, case, "cuda", RunOptions(gpu_shared_by=1, update_baselines=True)) is None
 
 
 def test_xdist_run_pins_workers_and_keeps_one_journal_and_summary(pytester, monkeypatch):

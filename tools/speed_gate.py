@@ -23,6 +23,7 @@ import time
 import torch
 
 from conformance import baselines, registry, speed
+from conformance.options import RunOptions
 from conformance.checks import execute
 from conformance.checks import speed as speed_check
 from conformance.verdict import Verdict
@@ -64,7 +65,7 @@ def record(args) -> None:
                 continue
             try:
                 verdict = execute("speed", backend, case, "cuda",
-                                  {"tier": tier, "baselines_dir": args.out, "update_baselines": True})
+                                  RunOptions(tier=tier, baselines_dir=args.out, update_baselines=True))
             except Exception as exc:  # noqa: BLE001 - Unsupported, out of memory: say so, go on
                 print(f"  {name} {case.id}: {type(exc).__name__}: {exc}")
                 continue

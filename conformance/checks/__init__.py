@@ -19,6 +19,7 @@ from conformance.case import Case
 from conformance.checks import (alibi, causal, determinism, forward, gradients, kvcache, memory, sanity, softcap,
                                 speed, varlen, window)
 from conformance.checks.check import Check
+from conformance.options import RunOptions
 from conformance.verdict import Verdict
 
 CHECKS: dict[str, Check] = {m.CHECK.name: m.CHECK for m in (forward, gradients, causal, sanity, window, softcap, alibi,
@@ -33,7 +34,7 @@ class HarnessError(Exception):
     """The suite's own code failed on a case (a bug here, not in the backend)."""
 
 
-def execute(check: str, backend: Backend, case: Case, device: str, options: dict | None = None) -> Verdict:
+def execute(check: str, backend: Backend, case: Case, device: str, options: RunOptions | None = None) -> Verdict:
     """Run one check. A backend's error inside its declaration is a failure of the check; these
     propagate, as results of their own: ``Unsupported`` (a skip with the library's reason),
     ``OutOfMemory``, ``DeviceFault`` and ``KernelCrashed`` (crashed), ``KernelTimedOut``. Anything
@@ -41,7 +42,7 @@ def execute(check: str, backend: Backend, case: Case, device: str, options: dict
     declared = CHECKS[check]
     try:
         if declared.measures:
-            return declared.run(backend, case, device, options=options or {})
+            return declared.run(backend, case, device, options=options or RunOptions())
         return declared.run(backend, case, device)
     except (Unsupported, OutOfMemory, DeviceFault, KernelCrashed, KernelTimedOut):
         raise

@@ -12,6 +12,7 @@ import time
 from conformance import memory, tiers
 from conformance.backend import Backend, OutOfMemory, run_kernel_side
 from conformance.case import Case
+from conformance.options import RunOptions
 from conformance.checks.check import Check
 from conformance.verdict import Verdict
 
@@ -42,11 +43,11 @@ def _sweep(backend: Backend, case: Case, device: str, lengths, backward: bool) -
     return points, stopped
 
 
-def run(backend: Backend, case: Case, device: str, options: dict | None = None) -> Verdict:
-    options = options or {}
+def run(backend: Backend, case: Case, device: str, options: RunOptions | None = None) -> Verdict:
+    options = options or RunOptions()
     verdict = Verdict(NAME, backend.name, case, device)
-    lengths = tiers.get(options.get("tier", tiers.DEFAULT_TIER)).sweep(device)
-    budget = options.get("memory_budget_gb")
+    lengths = tiers.get(options.tier).sweep(device)
+    budget = options.memory_budget_gb
     for mode in ("fwd", "fwdbwd") if backend.capabilities.backward else ("fwd",):
         points, stopped = _sweep(backend, case, device, lengths, mode == "fwdbwd")
         if not points:  # nothing measured is no pass: an out-of-memory result of its own

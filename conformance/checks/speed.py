@@ -21,6 +21,7 @@ from conformance.backend import Backend, call, run_kernel_side
 from conformance.case import Case
 from conformance.checks.check import Check
 from conformance.expected import expected_for
+from conformance.options import RunOptions
 from conformance.inputs import Inputs, make_inputs
 from conformance.timing import summarize, time_interleaved
 from conformance.tolerance import FORWARD_MULTIPLE, GRADIENT_MULTIPLE, compare
@@ -57,30 +58,30 @@ def key(mode: str, case: Case) -> str:
     return f"{mode}:{case.id}"
 
 
-def baseline_file(backend: Backend, device: str, options: dict):
+def baseline_file(backend: Backend, device: str, options: RunOptions):
     arch = baselines.arch_key(device)
-    return baselines.path(options.get("baselines_dir", "baselines"), arch, backend.name), arch
+    return baselines.path(options.baselines_dir, arch, backend.name), arch
 
 
-def against_backend(options: dict) -> Backend | None:
+def against_backend(options: RunOptions) -> Backend | None:
     """The backend of ``--speed-against`` (a registered name or an import string), or None."""
-    spec = options.get("speed_against")
-    if not spec or options.get("update_baselines"):
+    spec = options.speed_against
+    if not spec or options.update_baselines:
         return None
     # described by the kernel's process when the session runs one (the judge never loads a kernel)
-    return options.get("speed_against_backend") or registry.load(spec)
+    return options.speed_against_backend or registry.load(spec)
 
 
-def skip_reason(backend: Backend, case: Case, device: str, options: dict) -> str | None:
+def skip_reason(backend: Backend, case: Case, device: str, options: RunOptions) -> str | None:
     """Why this case is not measured here (decided at collection, without running anything)."""
-    if device != "cuda" and not options.get("allow_cpu_timing"):
+    if device != "cuda" and not options.allow_cpu_timing:
         return "the speed check times CUDA devices (its baselines are per GPU architecture)"
-    if options.get("gpu_shared_by", 1) > 1:
-        return (f"this pytest-xdist worker shares its GPU with {options['gpu_shared_by'] - 1} other(s): timings would "
+    if options.gpu_shared_by > 1:
+        return (f"this pytest-xdist worker shares its GPU with {options.gpu_shared_by - 1} other(s): timings would "
                 "be wrong; run with no more workers (-n) than GPUs, or time in a run of its own")
-    if options.get("update_baselines"):
+    if options.update_baselines:
         return None
-    if options.get("speed_against"):
+    if options.speed_against:
         try:
             against = against_backend(options)
         except registry.BackendNotFound as exc:
@@ -292,16 +293,16 @@ def _judge_stored(backend: Backend, case: Case, device: str, mode: str, verdict:
     return {**entry, "verdict": judged, "first_verdict": tries[0][1] if len(tries) == 2 else None}
 
 
-def run(backend: Backend, case: Case, device: str, options: dict | None = None) -> Verdict:
-    options = options or {}
+def run(backend: Backend, case: Case, device: str, options: RunOptions | None = None) -> Verdict:
+    options = options or RunOptions()
     verdict = Verdict(NAME, backend.name, case, device)
-    timing = options.get("speed_timing", {})
+    timing = options.speed_timing
     against = against_backend(options)
     file, arch = baseline_file(backend, device, options)
-    update = options.get("update_baselines")
+    update = options.update_baselines
     stored = None if against is not None else baselines.load(file, arch)
     reference_name = speed.reference_kernel(device)[0]
-    peak = options.get("peak_tflops") or speed.peak_tflops(device)
+    peak = options.peak_tflops or speed.peak_tflops(device)
     measured = {}
     for mode in modes(backend, against):
         k = key(mode, case)

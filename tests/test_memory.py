@@ -1,17 +1,18 @@
-"""The memory check's meter and fit, proven on the CPU (on a GPU the same code reads the CUDA allocator);
-the speed check's own tests are in test_speed.py."""
+"""The memory check (conformance/checks/memory.py) and its meter and fit (conformance/memory.py), proven on
+the CPU (on a GPU the same code reads the CUDA allocator)."""
 
 import dataclasses
 
 from conformance.backends import naive, tiled
 from conformance.checks import execute
 from conformance.checks import memory as memory_check
+from conformance.options import RunOptions
 
 
 def test_meter_and_fit_classify_naive_quadratic_and_tiled_linear():
     case = memory_check.cases("quick")[0]
     for backend, expected in ((naive.BACKEND, "quadratic"), (tiled.BACKEND, "linear")):
-        verdict = execute("memory", backend, case, "cpu", {"tier": "quick"})
+        verdict = execute("memory", backend, case, "cpu", RunOptions(tier="quick"))
         assert verdict.passed, verdict.message()
         for mode in ("fwd", "fwdbwd"):
             assert verdict.measurements[mode]["measured_class"] == expected, verdict.measurements[mode]
@@ -20,12 +21,12 @@ def test_meter_and_fit_classify_naive_quadratic_and_tiled_linear():
 def test_a_backend_declared_linear_that_materialises_the_matrix_fails():
     liar = dataclasses.replace(naive.BACKEND, name="naive-declared-linear",
                                capabilities=dataclasses.replace(naive.BACKEND.capabilities, memory="linear"))
-    verdict = execute("memory", liar, memory_check.cases("quick")[0], "cpu", {"tier": "quick"})
+    verdict = execute("memory", liar, memory_check.cases("quick")[0], "cpu", RunOptions(tier="quick"))
     assert verdict.failed_properties == {"memory-growth"}
     assert "declared linear, but peak extra memory grows as N^1." in verdict.message() and "MiB" in verdict.message()
 
 
 def test_memory_budget_reports_the_longest_length_within_it():
     verdict = execute("memory", naive.BACKEND, memory_check.cases("quick")[0], "cpu",
-                      {"tier": "quick", "memory_budget_gb": 30 / 1024})
+                      RunOptions(tier="quick", memory_budget_gb=30 / 1024))
     assert verdict.measurements["fwd"]["longest_within_budget"] == 512  # 22 MiB at 512, 76 MiB at 1024
