@@ -6,7 +6,7 @@ process), but not the verdict on its outputs, which the judge checks itself.
 
 from __future__ import annotations
 
-from conformance import memory, registry
+from conformance import memory_meter, registry
 from conformance.backend import Backend, call
 from conformance.case import Case
 from conformance.inputs import Inputs, make_inputs
@@ -22,7 +22,7 @@ def memory_peak(backend: Backend, case: Case, device: str, backward: bool) -> in
             out.backward(inputs.dout)
         return out
 
-    return memory.peak_extra_bytes(work, device)
+    return memory_meter.peak_extra_bytes(work, device)
 
 
 def speed_time(backend: Backend, against: str | None, sets: list[Inputs], case: Case, device: str, mode: str,

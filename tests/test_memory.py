@@ -1,4 +1,4 @@
-"""The memory check (conformance/checks/memory.py) and its meter and fit (conformance/memory.py), proven on
+"""The memory check (conformance/checks/memory.py) and its meter and fit (conformance/memory_meter.py), proven on
 the CPU (on a GPU the same code reads the CUDA allocator)."""
 
 import dataclasses

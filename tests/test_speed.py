@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from conformance import baselines, speed
+from conformance import baselines, speed_verdict
 from conformance.backends import naive
 from conformance.case import Case
 from conformance.options import RunOptions
@@ -36,7 +36,7 @@ def _twice(*args, **kwargs):
 
 
 def _entry(median, iqr, ref_median=2.0, rounds=100):
-    return speed.record({"median_ms": median, "iqr_ms": iqr, "rounds": rounds},
+    return speed_verdict.record({"median_ms": median, "iqr_ms": iqr, "rounds": rounds},
                         {"median_ms": ref_median, "iqr_ms": 0.02, "rounds": rounds})
 
 
@@ -57,33 +57,33 @@ def _interleaved(rng, slowdown=0.0, noise=0.02, drift=0.1, reps=100):
 def test_an_a_a_pair_never_fails_and_a_2x_slower_one_always_does():
     rng = random.Random(17)
     for _ in range(2000):
-        assert not speed.judge_ab(*_interleaved(rng, drift=rng.uniform(-0.2, 0.2)))["slower"]
-        assert speed.judge_ab(*_interleaved(rng, slowdown=1.0, noise=0.3))["slower"]
-    ten = [speed.judge_ab(*_interleaved(rng, slowdown=0.10))["slower"] for _ in range(200)]
+        assert not speed_verdict.judge_ab(*_interleaved(rng, drift=rng.uniform(-0.2, 0.2)))["slower"]
+        assert speed_verdict.judge_ab(*_interleaved(rng, slowdown=1.0, noise=0.3))["slower"]
+    ten = [speed_verdict.judge_ab(*_interleaved(rng, slowdown=0.10))["slower"] for _ in range(200)]
     assert all(ten)  # 10% is above the A/A floor and well above these rounds' standard error
 
 
 def test_stored_verdict_allows_the_spread_between_gpus_of_one_model():
     base = _entry(1.00, 0.01)
-    assert not speed.judge(_entry(1.01, 0.01), base)["slower"]
-    within_units = speed.judge(_entry(1.066, 0.01, ref_median=1.93), base)  # cuDNN on another H100: +6.6%
-    assert not within_units["slower"] and within_units["absolute_threshold"] >= speed.MACHINE_SPREAD
-    judged = speed.judge(_entry(1.25, 0.01), base)
+    assert not speed_verdict.judge(_entry(1.01, 0.01), base)["slower"]
+    within_units = speed_verdict.judge(_entry(1.066, 0.01, ref_median=1.93), base)  # cuDNN on another H100: +6.6%
+    assert not within_units["slower"] and within_units["absolute_threshold"] >= speed_verdict.MACHINE_SPREAD
+    judged = speed_verdict.judge(_entry(1.25, 0.01), base)
     assert judged["slower"] and abs(judged["absolute_change"] - 0.25) < 1e-9 and abs(judged["reference_change"]) < 1e-9
-    drifted = speed.judge(_entry(1.25, 0.01, ref_median=2.5), base)  # gated on time; the reference moved too
+    drifted = speed_verdict.judge(_entry(1.25, 0.01, ref_median=2.5), base)  # gated on time; the reference moved too
     assert drifted["slower"] and not drifted["relative_slower"]
-    assert not speed.judge(_entry(1.25, 1.20, rounds=10), base)["slower"]  # within a spread of 20%
-    assert speed.judge(_entry(2.0, 0.01), base)["slower"]
+    assert not speed_verdict.judge(_entry(1.25, 1.20, rounds=10), base)["slower"]  # within a spread of 20%
+    assert speed_verdict.judge(_entry(2.0, 0.01), base)["slower"]
 
 
 def test_an_entry_beyond_the_device_peak_is_named_implausible():
     case = speed_check.cases("quick")[0]  # 4096 tokens, d64, bf16: 2.2 TFLOP forward
     real = _entry(0.6, 0.01, ref_median=0.17)
-    assert speed.implausible(real, case, "fwd", 989.4, "torch.bfloat16 matmul 4096^3") is None
+    assert speed_verdict.implausible(real, case, "fwd", 989.4, "torch.bfloat16 matmul 4096^3") is None
     reference_too_fast = _entry(0.6, 0.01, ref_median=0.0224)  # 6,100 TFLOP/s: committed once
-    why = speed.implausible(reference_too_fast, case, "fwd", 989.4, "torch.bfloat16 matmul 4096^3")
+    why = speed_verdict.implausible(reference_too_fast, case, "fwd", 989.4, "torch.bfloat16 matmul 4096^3")
     assert "reference kernel" in why and "6,136 TFLOP/s" in why and "989" in why
-    assert "the case's median" in speed.implausible(_entry(0.001, 0.0, ref_median=0.17), case, "fwd", 989.4, None)
+    assert "the case's median" in speed_verdict.implausible(_entry(0.001, 0.0, ref_median=0.17), case, "fwd", 989.4, None)
 
 
 # -- the check, end to end on the CPU ----------------------------------------------------------------
@@ -239,9 +239,9 @@ def test_speed_check_needs_a_gpu_unless_told_otherwise():
 
 def test_flop_count():
     case = Case(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16, head_dim=64, causal="bottom_right")
-    assert speed.flops(case, "fwd") == 4 * 2 * 16 * 1024 * 1024 * 64 / 2
-    assert speed.flops(case, "fwdbwd") == speed.flops(case, "fwd") * 3.5
-    assert speed.reference_flops("torch.bfloat16 matmul 4096^3") == 2 * 4096**3
+    assert speed_verdict.flops(case, "fwd") == 4 * 2 * 16 * 1024 * 1024 * 64 / 2
+    assert speed_verdict.flops(case, "fwdbwd") == speed_verdict.flops(case, "fwd") * 3.5
+    assert speed_verdict.reference_flops("torch.bfloat16 matmul 4096^3") == 2 * 4096**3
 
 
 def test_a_runs_baseline_updates_are_written_once_per_file_without_leftovers(tmp_path):

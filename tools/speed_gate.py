@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from conformance import baselines, registry, speed
+from conformance import baselines, registry, speed_verdict
 from conformance.options import RunOptions
 from conformance.checks import execute
 from conformance.checks import speed as speed_check
@@ -105,12 +105,12 @@ def gate(args) -> None:
                            "gpu": timed["gpu"], "medians": {v: e["median_ms"] for v, e in timed["entries"].items()},
                            "base_median": base["median_ms"]}
                     for v in ("A2", "B10", "B25"):
-                        j = speed.judge_ab(timed["samples"][v], timed["rounds"][v], timed["samples"]["A"],
+                        j = speed_verdict.judge_ab(timed["samples"][v], timed["rounds"][v], timed["samples"]["A"],
                                            timed["rounds"]["A"])
                         row[f"ab_{v}"] = {"change": j["change"], "threshold": j["threshold"], "se": j["se"],
                                           "flag": j["slower"]}
                     for v in versions:
-                        j = speed.judge(timed["entries"][v], base)
+                        j = speed_verdict.judge(timed["entries"][v], base)
                         row[f"stored_{v}"] = {"change": j["absolute_change"], "threshold": j["absolute_threshold"],
                                               "flag": j["absolute_slower"]}
                     rows.append(row)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from conformance import memory, speed
+from conformance import memory_meter, speed_verdict
 from conformance.backend import OutOfMemory, call, classify
 from conformance.case import Case
 from conformance.inputs import make_inputs
@@ -31,9 +31,9 @@ def _point(backend, case: Case, device: str) -> dict:
         samples, _, _ = time_calls(run, device, warmup=1, budget_s=0.15, min_reps=3, max_reps=30, before=reset)
         ms = summarize(samples)["median_ms"]
         point[f"{mode}_ms"] = ms
-        point[f"{mode}_tflops"] = speed.flops(case, mode) / (ms * 1e9)
+        point[f"{mode}_tflops"] = speed_verdict.flops(case, mode) / (ms * 1e9)
         reset(0)
-        point[f"{mode}_peak_bytes"] = memory.peak_extra_bytes(lambda: run(0), device)
+        point[f"{mode}_peak_bytes"] = memory_meter.peak_extra_bytes(lambda: run(0), device)
     return point
 
 

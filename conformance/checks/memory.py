@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from conformance import memory, tiers
+from conformance import memory_meter, tiers
 from conformance.backend import Backend, OutOfMemory, run_kernel_side
 from conformance.case import Case
 from conformance.options import RunOptions
@@ -55,8 +55,8 @@ def run(backend: Backend, case: Case, device: str, options: RunOptions | None = 
         result = {"curve": [[n, b] for n, b in points], "stopped": stopped}
         curve = ", ".join(f"{n}: {b / 2**20:.1f} MiB" for n, b in points) + (f", {stopped}" if stopped else "")
         if len(points) >= 2:
-            exponent = memory.growth_exponent(points[-3:])
-            result.update(exponent=exponent, measured_class=memory.memory_class(exponent))
+            exponent = memory_meter.growth_exponent(points[-3:])
+            result.update(exponent=exponent, measured_class=memory_meter.memory_class(exponent))
             if backend.capabilities.memory == "linear" and exponent > LINEAR_LIMIT:
                 verdict.fail("memory-growth", f"{mode}: declared linear, but peak extra memory grows as N^{exponent:.2f} "
                                               f"({result['measured_class']}): {curve}")

@@ -3,10 +3,11 @@ judged, either against another version of the kernel timed interleaved in the sa
 (``--speed-against``, the recommended gate) or against the stored baseline for this GPU model.
 
 The kernel-side step (``time_case``) only times and keeps a block of rows of every timed call's
-output; the judge-side steps (``check_timed``, conformance/speed.py's verdicts) choose which calls to
-check after timing, hold them to the float64 reference, check the input sets were left unchanged, and
-judge the timings. So a kernel that caches results, hands back an input, scribbles on its inputs or
-skips work when timed cannot post a good time, and the two sides can later run in separate processes.
+output; it runs in the kernel's process (kernel_side.speed_time). The judge-side steps (``check_timed``,
+conformance/speed_verdict.py's verdicts) choose which calls to check after timing, hold them to the
+float64 reference, check the input sets were left unchanged, and judge the timings. So a kernel that
+caches results, hands back an input, scribbles on its inputs or skips work when timed cannot post a
+good time.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from conformance import baselines, registry, speed, tiers
+from conformance import baselines, registry, speed_verdict, tiers
 from conformance.backend import Backend, call, run_kernel_side
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -168,7 +169,7 @@ def time_case(backends: dict[str, Backend], sets: list[Inputs], case: Case, devi
         out, dq = result
         return s, out[:, blocks[s]].detach().clone(), None if dq is None else dq[:, blocks[s]].clone()
 
-    _, reference = speed.reference_kernel(device)
+    _, reference = speed_verdict.reference_kernel(device)
     return time_interleaved({label: caller(b) for label, b in backends.items()}, device,
                             before=reset if backward else None, keep=keep, reference=reference, **timing)
 
@@ -212,7 +213,7 @@ def measure(backends: dict[str, Backend], case: Case, device: str, mode: str, ve
             **timing) -> dict:
     """Both sides in one process: input sets and secret row blocks, the kernel-side timing, the
     judge-side output checks. Returns the timed data with ``entries``: per label the baseline entry
-    (``speed.record``) with TFLOP/s and the GPU's state."""
+    (``speed_verdict.record``) with TFLOP/s and the GPU's state."""
     rng = secrets.SystemRandom()
     sets = input_sets(case, device, mode)
     pristine = [s.clone() for s in sets]
@@ -227,11 +228,11 @@ def measure(backends: dict[str, Backend], case: Case, device: str, mode: str, ve
     check_timed(timed, backends, case, mode, pristine, sets, blocks, verdict, rng)
     timed.pop("kept")
     reference = summarize(timed["reference_samples"])
-    peak = speed.peak_tflops(device)
+    peak = speed_verdict.peak_tflops(device)
     timed["entries"] = {}
     for label in backends:
-        entry = speed.record(summarize(timed["samples"][label]), reference, timed["gpu"])
-        tflops = speed.flops(case, mode) / (entry["median_ms"] * 1e9)
+        entry = speed_verdict.record(summarize(timed["samples"][label]), reference, timed["gpu"])
+        tflops = speed_verdict.flops(case, mode) / (entry["median_ms"] * 1e9)
         timed["entries"][label] = {**entry, "tflops": tflops, "pct_of_peak": None if peak is None else 100 * tflops / peak}
     return timed
 
@@ -250,7 +251,7 @@ def _judge_ab(backend: Backend, against: Backend, case: Case, device: str, mode:
     tries = []
     for _ in range(2):  # a flagged case is measured again (a confirmation run); both must be slower
         timed = measure(pair, case, device, mode, verdict, **timing)
-        judged = speed.judge_ab(timed["samples"]["candidate"], timed["rounds"]["candidate"],
+        judged = speed_verdict.judge_ab(timed["samples"]["candidate"], timed["rounds"]["candidate"],
                                 timed["samples"]["against"], timed["rounds"]["against"])
         tries.append((timed, judged))
         if not judged["slower"]:
@@ -260,7 +261,7 @@ def _judge_ab(backend: Backend, against: Backend, case: Case, device: str, mode:
         first = tries[0][1]
         verdict.fail("slower", f"{mode}: {100 * judged['change']:.1f}% slower than --speed-against={against.name}, "
                      f"timed interleaved in the same run (threshold {100 * judged['threshold']:.1f}%: max(A/A floor "
-                     f"{100 * speed.AB_FLOOR:.0f}%, 3 standard errors)); medians {judged['candidate_median_ms']:.4f} vs "
+                     f"{100 * speed_verdict.AB_FLOOR:.0f}%, 3 standard errors)); medians {judged['candidate_median_ms']:.4f} vs "
                      f"{judged['against_median_ms']:.4f} ms over {judged['rounds']} rounds; first measurement "
                      f"{100 * first['change']:+.1f}%, confirmed by a second; {gpu_text(timed['gpu'])}")
     return {**timed["entries"]["candidate"], "against": timed["entries"]["against"], "ab": judged,
@@ -273,7 +274,7 @@ def _judge_stored(backend: Backend, case: Case, device: str, mode: str, verdict:
     for _ in range(2):  # a flagged case is measured again (a confirmation run); both must be slower
         timed = measure({"candidate": backend}, case, device, mode, verdict, **timing)
         entry = timed["entries"]["candidate"]
-        judged = speed.judge(entry, base)
+        judged = speed_verdict.judge(entry, base)
         tries.append((entry, judged))
         if not judged["slower"]:
             break
@@ -281,7 +282,7 @@ def _judge_stored(backend: Backend, case: Case, device: str, mode: str, verdict:
     if len(tries) == 2 and judged["slower"]:
         base_gpu = (base.get("gpu") or {}).get("after") or {}
         verdict.fail("slower", f"{mode}: {100 * judged['absolute_change']:.1f}% slower than {file} "
-                     f"(threshold {100 * judged['absolute_threshold']:.1f}%, of which {100 * speed.MACHINE_SPREAD:.0f}% "
+                     f"(threshold {100 * judged['absolute_threshold']:.1f}%, of which {100 * speed_verdict.MACHINE_SPREAD:.0f}% "
                      f"for the spread between GPUs of one model): median {entry['median_ms']:.4f} ms "
                      f"(IQR {entry['iqr_ms']:.4f}) vs baseline {base['median_ms']:.4f} ms (IQR {base['iqr_ms']:.4f}); "
                      f"first measurement {100 * tries[0][1]['absolute_change']:+.1f}%, confirmed by a second; "
@@ -301,8 +302,8 @@ def run(backend: Backend, case: Case, device: str, options: RunOptions | None = 
     file, arch = baseline_file(backend, device, options)
     update = options.update_baselines
     stored = None if against is not None else baselines.load(file, arch)
-    reference_name = speed.reference_kernel(device)[0]
-    peak = options.peak_tflops or speed.peak_tflops(device)
+    reference_name = speed_verdict.reference_kernel(device)[0]
+    peak = options.peak_tflops or speed_verdict.peak_tflops(device)
     measured = {}
     for mode in modes(backend, against):
         k = key(mode, case)
@@ -310,8 +311,8 @@ def run(backend: Backend, case: Case, device: str, options: RunOptions | None = 
         if against is not None:
             measured[k] = _judge_ab(backend, against, case, device, mode, verdict, timing)
         elif base is not None:
-            stored_peak = speed.peak_for((stored.get("machine_info") or {}).get("gpu")) or peak
-            problem = speed.implausible(base, case, mode, stored_peak, stored.get("reference_kernel"))
+            stored_peak = speed_verdict.peak_for((stored.get("machine_info") or {}).get("gpu")) or peak
+            problem = speed_verdict.implausible(base, case, mode, stored_peak, stored.get("reference_kernel"))
             if problem:
                 verdict.fail("baseline-impossible", f"{file}, entry {k!r}: {problem}. Not judged: re-record it "
                              f"(pytest --backend={backend.name} --check=speed --update-baselines) and commit it")
@@ -319,7 +320,7 @@ def run(backend: Backend, case: Case, device: str, options: RunOptions | None = 
             measured[k] = _judge_stored(backend, case, device, mode, verdict, file, stored, base, timing)
         else:
             m = measured[k] = measure({"candidate": backend}, case, device, mode, verdict, **timing)["entries"]["candidate"]
-            problem = speed.implausible(m, case, mode, peak, reference_name)
+            problem = speed_verdict.implausible(m, case, mode, peak, reference_name)
             if problem:
                 verdict.fail("timing-impossible", f"{mode}: {problem}: the timing is wrong, nothing recorded")
     verdict.measurements.update(speed=measured, reference_kernel=reference_name, baseline_file=str(file),
