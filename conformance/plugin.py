@@ -66,8 +66,9 @@ def pytest_addoption(parser):
                     help="speed check: compare with this backend (a registered name or an import string, e.g. the "
                          "previous build of the same kernel), timed interleaved in the same run, instead of the "
                          "stored baselines (the recommended CI gate)")
-    group.addoption("--baselines-dir", default="baselines", metavar="DIR",
-                    help="where speed baselines live, one folder per GPU architecture (default: baselines)")
+    group.addoption("--baselines-dir", default=None, metavar="DIR",
+                    help="where speed baselines live, one folder per GPU architecture (default: ./baselines "
+                         "when it exists or when recording, else the baselines installed with this package)")
     group.addoption("--memory-budget", type=_option_type(float), default=None, metavar="GB",
                     help="report the longest sequence each backend reaches within this much extra memory")
     group.addoption("--fuzz", choices=(*fuzz.PROFILES, "off"), default="ci",
