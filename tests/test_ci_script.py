@@ -38,3 +38,18 @@ def test_exit_status(tmp_path, triton_rc, tests_rc, expected):
     lines = calls.read_text().splitlines()
     assert sum("--backend=tests/triton_kernel.py:attention" in line for line in lines) == 2
     assert lines[-1] == "-m pytest tests"
+
+
+def test_the_ci_page_workflow_is_valid_yaml_with_both_jobs_and_readable_case_ids():
+    import re
+
+    from conformance.case import Case
+
+    yaml = pytest.importorskip("yaml")
+    page = (ROOT / "docs" / "ci.md").read_text()
+    (block,) = re.findall(r"```yaml\n(.*?)```", page, re.S)
+    workflow = yaml.safe_load(block)
+    assert set(workflow["jobs"]) == {"cpu", "gpu"}
+    assert "self-hosted" in workflow["jobs"]["gpu"]["runs-on"]
+    for case_id in re.findall(r"\bb\d+_q\d+_k\d+_\w+?_seed\d+", block):
+        assert Case.from_id(case_id).id == case_id
