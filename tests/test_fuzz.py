@@ -29,7 +29,7 @@ def test_fuzzer_finds_each_mutant(mutant):
 
 
 def test_the_default_budget_is_the_documented_one():
-    assert fuzz.PROFILES["ci"]["max_examples"] == 40
+    assert fuzz.PROFILES["ci"]["max_examples"] == 25
 
 
 def test_a_failure_shrinks_to_a_minimal_case():
