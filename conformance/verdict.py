@@ -14,6 +14,7 @@ class Finding:
 
     property: str
     message: str
+    diagnosis: str | None = None  # the cause it fits, when one does (diagnosis.py), for grouping
 
 
 @dataclass
@@ -30,14 +31,14 @@ class Verdict:
     def passed(self) -> bool:
         return not self.findings
 
-    def fail(self, prop: str, message: str) -> None:
-        self.findings.append(Finding(prop, message))
+    def fail(self, prop: str, message: str, diagnosis: str | None = None) -> None:
+        self.findings.append(Finding(prop, message, diagnosis))
 
     def add(self, prop: str, comparison: Comparison) -> None:
         """Record a tolerance comparison; a failing one is also a finding of ``prop``."""
         self.comparisons.append(comparison)
         if not comparison.passed:
-            self.fail(prop, comparison.describe())
+            self.fail(prop, comparison.describe(), getattr(comparison, "diagnosis", None))
 
     @property
     def failed_properties(self) -> set[str]:
@@ -48,7 +49,8 @@ class Verdict:
         return "\n".join([head, *(f"  [{f.property}] {f.message}" for f in self.findings)])
 
     def as_dict(self) -> dict:
-        return {"findings": [{"property": f.property, "message": f.message} for f in self.findings],
+        return {"findings": [{"property": f.property, "message": f.message,
+                              **({"diagnosis": f.diagnosis} if f.diagnosis else {})} for f in self.findings],
                 "comparisons": [c.as_dict() for c in self.comparisons], "measurements": self.measurements}
 
     @classmethod

@@ -296,3 +296,75 @@ PRECISION_MUTANTS = [
     _mutant(half_accumulator, "forward", "forward",
             _tiled_caps(backward=False, window=False, softcap=False, alibi=False)),
 ]
+
+
+# -- planted bugs for the diagnosis (conformance/diagnosis.py) ---------------------------------------
+# Each is named by one hypothesis of the diagnosis (tests/test_diagnosis.py). They are not in MUTANTS:
+# several break every case of their check, which proves the diagnosis but not a check's grid.
+
+def scale_forgotten(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Never scales the scores (softmax_scale=1.0), the issue's first example."""
+    return naive.attention(q, k, v, softmax_scale=1.0, causal=causal, causal_alignment=causal_alignment)
+
+
+def scale_inverted(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Multiplies the scores by sqrt(head_dim) where it should divide."""
+    return naive.attention(q, k, v, softmax_scale=1.0 / _scale(q, softmax_scale), causal=causal,
+                           causal_alignment=causal_alignment)
+
+
+def causal_dropped(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Accepts causal=True and ignores it."""
+    return naive.attention(q, k, v, softmax_scale=softmax_scale)
+
+
+def causal_always(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """A decoder-only kernel: masks the future whatever causal says."""
+    return naive.attention(q, k, v, softmax_scale=softmax_scale, causal=True, causal_alignment=causal_alignment)
+
+
+def reads_bhsd(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Written for (batch, heads, seqlen, head_dim) inputs: attends across the heads axis."""
+    out = naive.attention(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=_scale(q, softmax_scale),
+                          causal=causal, causal_alignment=causal_alignment)
+    return out.transpose(1, 2)
+
+
+def _tail(n, block=64):
+    return n // block * block
+
+
+def dropped_tail_rows(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """A tiled loop over query blocks that forgets the last, partial one: its rows stay zero."""
+    out = tiled.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, causal_alignment=causal_alignment)
+    full = _tail(q.shape[1])
+    if full:
+        out = out.clone()
+        out[:, full:] = 0
+    return out
+
+
+def stale_tail_rows(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """The last, partial query block is written from the previous block's results (rows r - 64)."""
+    out = tiled.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, causal_alignment=causal_alignment)
+    full = _tail(q.shape[1])
+    if full:
+        out = out.clone()
+        out[:, full:] = out[:, full - 64: full - 64 + q.shape[1] - full].clone()
+    return out
+
+
+DIAGNOSIS_MUTANTS = [
+    _mutant(scale_forgotten, "forward", "forward", _naive_caps()),
+    _mutant(scale_inverted, "forward", "forward", _naive_caps()),
+    _mutant(causal_dropped, "causal", "causal-reference", _naive_caps()),
+    _mutant(causal_always, "forward", "forward", _naive_caps()),
+    _mutant(reads_bhsd, "forward", "forward", _naive_caps()),
+    _mutant(dropped_tail_rows, "forward", "forward", _tiled_caps()),
+    _mutant(stale_tail_rows, "forward", "forward", _tiled_caps()),
+    # the declared convention for fully masked rows is not the one returned
+    Mutant(Backend(name="mean-v-masked-rows", fn=naive.attention, capabilities=_naive_caps(masked_rows="zeros")),
+           "causal", "causal-reference"),
+    Mutant(Backend(name="zeros-masked-rows", fn=tiled.attention, capabilities=_tiled_caps(masked_rows="mean_v")),
+           "causal", "causal-reference"),
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conformance import reference
+from conformance import diagnosis, reference
 from conformance.backend import Backend, call
 from conformance.case import Case
 from conformance.checks.forward import output_comparison
@@ -23,9 +23,15 @@ def compare_gradients(backend: Backend, case: Case, device: str, verdict: Verdic
         return
     grads = torch.autograd.grad(out, (inputs.q, inputs.k, inputs.v), inputs.dout)
     exp = expected(case, device, backend.capabilities.masked_rows, True, backend.capabilities.accumulation)
-    for name, grad, ref, err, mag in zip(GRAD_NAMES, grads, exp.grads, exp.grad_torch_errors, exp.grad_magnitudes):
-        verdict.add(name, compare(name, grad, ref, err, mag, case.torch_dtype, GRADIENT_MULTIPLE,
-                                  max(case.seqlen_q, case.seqlen_k)))
+    comparisons = [compare(name, grad, ref, err, mag, case.torch_dtype, GRADIENT_MULTIPLE,
+                           max(case.seqlen_q, case.seqlen_k))
+                   for name, grad, ref, err, mag in zip(GRAD_NAMES, grads, exp.grads, exp.grad_torch_errors,
+                                                        exp.grad_magnitudes)]
+    if not verdict.findings and not all(c.passed for c in comparisons):  # once per case: not if the output was
+        found = diagnosis.diagnose_gradients(case, grads, backend.capabilities.masked_rows, comparisons)
+        comparisons = [c if c.passed else diagnosis.diagnosed(c, found) for c in comparisons]
+    for name, comparison in zip(GRAD_NAMES, comparisons):
+        verdict.add(name, comparison)
 
 
 def against_reference(backend: Backend, case: Case, device: str, verdict: Verdict, prop: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from conformance import grid
+from conformance import diagnosis, grid
 from conformance.backend import Backend, call
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -81,14 +81,19 @@ def cases(tier: str) -> list[Case]:
     return grid.nominal(intents(), tier)
 
 
-def output_comparison(backend: Backend, case: Case, device: str, out=None) -> Comparison:
-    """Run the backend on the case's inputs (unless ``out`` is given) and hold it to the reference."""
+def output_comparison(backend: Backend, case: Case, device: str, out=None, diagnose: bool = True) -> Comparison:
+    """Run the backend on the case's inputs (unless ``out`` is given) and hold it to the reference; a
+    failed comparison carries the diagnosis of the output (diagnosis.py) unless not ``diagnose``."""
     if out is None:
         inputs = make_inputs(case, device)
         out = call(backend, inputs.q, inputs.k, inputs.v, case)
     exp = expected(case, device, backend.capabilities.masked_rows, False, backend.capabilities.accumulation)
-    return compare("out", out, exp.out, exp.out_torch_error, exp.out_magnitude, case.torch_dtype, FORWARD_MULTIPLE,
-                   max(case.seqlen_q, case.seqlen_k))
+    comparison = compare("out", out, exp.out, exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
+                         FORWARD_MULTIPLE, max(case.seqlen_q, case.seqlen_k))
+    if comparison.passed or not diagnose:
+        return comparison
+    return diagnosis.diagnosed(comparison, diagnosis.diagnose_output(case, out, backend.capabilities.masked_rows,
+                                                                     comparison))
 
 
 def run(backend: Backend, case: Case, device: str) -> Verdict:

@@ -75,10 +75,15 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
             verdict.fail("deterministic", f"the same inputs twice gave outputs differing in {differ} elements")
 
     other = case.replace(seed=case.seed + 1)  # same shapes, other numbers
-    comparison = output_comparison(backend, other, device)
+    comparison = output_comparison(backend, other, device, diagnose=False)
     if not comparison.passed:
-        verdict.fail("fresh-output", "a second input set of the same shape did not get its own result: "
-                     + comparison.describe())
+        first = output_comparison(backend, case, device, out=out)
+        if first.passed:
+            verdict.fail("fresh-output", "a second input set of the same shape did not get its own result (a result "
+                         "cached by shape?): " + comparison.describe())
+        else:
+            verdict.fail("fresh-output", "wrong on this input too (see the forward check): the first input set's "
+                         + first.describe(), getattr(first, "diagnosis", None))
     return verdict
 
 
