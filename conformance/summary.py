@@ -124,3 +124,59 @@ def coverage(records: list[dict]) -> list[str]:
             lines.append(f"  !!! {b}: only {ran} correctness cases ran (minimum {MIN_REALISED}): this verdict covers "
                          "little of what the kernel is used for; widen its declaration or add cases (--case)")
     return lines
+
+
+_FAILED = {"failed", "crashed", "timed out"}
+
+
+def failure_groups(records: list[dict], width: int = 100, id_lines: int = 2) -> list[str]:
+    """Failures that share a cause, once each: per backend and check, the cases whose findings carry the
+    same diagnosis (diagnosis.py), or else fail on the same properties, with their count and ids (the
+    first ``id_lines`` lines of them). Each case's own text stays in the journal."""
+    groups: dict = defaultdict(list)
+    for r in records:
+        if r.get("outcome") not in _FAILED:
+            continue
+        findings = r.get("findings") or []
+        diagnosed = next((f["diagnosis"] for f in findings if f.get("diagnosis")), None)
+        if diagnosed:
+            cause = ("fit", diagnosed)
+        elif r["outcome"] != "failed":
+            cause = ("outcome", r["outcome"])
+        else:
+            cause = ("properties", ", ".join(sorted({f.get("property", "?") for f in findings})) or "no finding")
+        groups[r["backend"], r["check"], cause].append(r.get("case_id") or r.get("nodeid") or "?")
+    if not groups:
+        return []
+    lines = ["failures by cause (each case's findings in full in the journal):"]
+    for (backend, check, (kind, what)), ids in sorted(groups.items(), key=lambda g: (-len(g[1]), str(g[0]))):
+        n = len(ids)
+        cases, fail = (f"{n} cases", "fail") if n > 1 else ("1 case", "fails")
+        if kind == "fit":
+            text = f"{cases} {fail}, {'all fit' if n > 1 else 'fits'} '{what}'"
+        elif kind == "outcome":
+            text = f"{cases} {what}"
+        else:
+            text = f"{cases} {fail} on [{what}], no common cause found"
+        lines.append(f"  {backend} {check}: {text}:")
+        lines += _id_lines(ids, width, id_lines)
+    return lines
+
+
+def _id_lines(ids: list[str], width: int, most: int) -> list[str]:
+    """The ids, comma-separated over at most ``most`` lines of ``width`` columns, then how many more."""
+    indent = "      "
+    room = width - len(indent)
+    rows: list[list[str]] = [[]]
+    for case_id in ids:
+        if rows[-1] and len(", ".join(rows[-1] + [case_id])) + 1 > room:
+            rows.append([])
+        rows[-1].append(case_id)
+    if len(rows) > most:
+        rows = rows[:most]
+        shown = sum(map(len, rows))
+        while len(rows[-1]) > 1 and len(", ".join(rows[-1])) + len(f", ... and {len(ids) - shown} more") > room:
+            rows[-1].pop()
+            shown -= 1
+        rows[-1].append(f"... and {len(ids) - shown} more")
+    return [indent + ", ".join(row) + ("," if i + 1 < len(rows) else "") for i, row in enumerate(rows)]
