@@ -206,7 +206,8 @@ class Hooks:
         if not records:
             return
         terminalreporter.write_sep("=", "attention conformance")
-        for line in summary.table(records) + summary.coverage(records) + summary.measurements(records):
+        for line in (summary.failure_groups(records) + summary.table(records) + summary.coverage(records)
+                     + summary.measurements(records)):
             terminalreporter.write_line(line)
         if self.session.recorder.path:
             terminalreporter.write_line(f"results journal: {self.session.recorder.path}")
