@@ -97,8 +97,9 @@ class ConformanceSession:
     def skip_reasons(self, check: str, backend, case: Case) -> list[str]:
         """Why a case is not run, decided at collection: outside the declaration, or not measurable here."""
         declared = CHECKS[check]
-        reasons = grid.unrealised_reasons(check, backend, case) or backend.capabilities.not_supported_reasons(
-            case, self.selection.device, declared.needs)
+        lacking = declared.lacks_feature(case)
+        reasons = ([lacking] if lacking else grid.unrealised_reasons(check, backend, case)
+                   or backend.capabilities.not_supported_reasons(case, self.selection.device, declared.needs))
         if not reasons and declared.skip_reason is not None:
             reasons = [r for r in [declared.skip_reason(backend, case, self.selection.device, self.options)] if r]
         return reasons

@@ -254,3 +254,9 @@ def test_pytest_benchmark_machine_info_gains_the_gpu_facts(pytester):
     pytester.runpytest("-p", "no:cacheprovider", "--benchmark-json=bench.json").assert_outcomes(passed=1)
     info = json.loads((pytester.path / "bench.json").read_text())["machine_info"]["attention_conformance"]
     assert {"arch", "torch", "cuda", "cudnn", "flash-attn", "xformers", "triton"} <= set(info)
+
+
+def test_a_case_without_the_checks_feature_is_skipped_not_a_harness_error(pytester):
+    result = pytester.runpytest(*SUITE, "--backend=naive", "--check=causal", "--case=b2_q17_k17_h4_d32_fp32_seed1")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*the causal check exercises causal, which case b2_q17_k17_h4_d32_fp32_seed1 does not have*"])

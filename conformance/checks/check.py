@@ -29,3 +29,11 @@ class Check:
     # [Intent] over the backend's declared values. Checks without intents keep cases(tier) as it is.
     intents: Callable[[], list] | None = None
     pairwise: Callable[..., list] | None = None
+
+    def lacks_feature(self, case: Case) -> str | None:
+        """Why ``case`` is no case of this check (a --case id without the feature it exercises), or None."""
+        has = {"causal": case.causal is not None, "window": case.window is not None, "softcap": bool(case.softcap),
+               "alibi": case.alibi, "varlen": case.varlen is not None, "kvcache": case.cache_seqlens is not None}
+        if self.feature is not None and not has[self.feature]:
+            return f"the {self.name} check exercises {self.feature}, which case {case.id} does not have"
+        return None
