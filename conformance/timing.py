@@ -60,6 +60,21 @@ def _sync_latency_ms(flush) -> tuple[float, float]:
     return median, samples[26] - median + 0.01
 
 
+def _timer(device: str) -> Callable[[Callable[[], object]], tuple[float, object]]:
+    """Times one call, returning (ms, its result): CUDA events with the L2 flush, the launch slack and the
+    side-stream check (``_cuda_once``) on CUDA, perf_counter on the CPU."""
+    if device == "cuda":
+        flush = _flush_buffer()
+        latency = _sync_latency_ms(flush)
+        return lambda call: _cuda_once(call, flush, latency)
+
+    def timed(call):
+        t0 = time.perf_counter()
+        result = call()
+        return (time.perf_counter() - t0) * 1e3, result
+    return timed
+
+
 def time_calls(fn: Callable[[int], object], device: str, *, warmup: int = 3, budget_s: float = 0.4,
                min_reps: int = 10, max_reps: int = 100, before: Callable[[int], None] | None = None,
                reference: Callable[[], object] | None = None, reference_reps: int = 15,
@@ -68,16 +83,7 @@ def time_calls(fn: Callable[[int], object], device: str, *, warmup: int = 3, bud
     ``reference()`` is timed ``reference_reps`` times before and as many after the repeats. Returns
     the samples in ms, the reference's samples, and the results of the last three repeats, to be
     checked."""
-    cuda = device == "cuda"
-    flush = _flush_buffer() if cuda else None
-    latency = _sync_latency_ms(flush) if cuda else None
-
-    def timed(call):
-        if cuda:
-            return _cuda_once(call, flush, latency)
-        t0 = time.perf_counter()
-        result = call()
-        return (time.perf_counter() - t0) * 1e3, result
+    timed = _timer(device)
 
     def once(i: int) -> tuple[float, object]:
         if before is not None:
@@ -169,17 +175,8 @@ def time_interleaved(calls: dict[str, Callable[[int], object]], device: str, *, 
     ``keep(label, i, result)``, untimed after it, returns what to keep of the result (the caller checks
     those later). Returns plain data: per label its samples (ms) and the round of each, the kept items in
     call order, the reference's samples (a block before and one after), and the GPU's state."""
-    cuda = device == "cuda"
-    flush = _flush_buffer() if cuda else None
-    latency = _sync_latency_ms(flush) if cuda else None
+    timed = _timer(device)
     labels = list(calls)
-
-    def timed(call):
-        if cuda:
-            return _cuda_once(call, flush, latency)
-        t0 = time.perf_counter()
-        result = call()
-        return (time.perf_counter() - t0) * 1e3, result
 
     def once(label: str, i: int) -> tuple[float, object]:
         if before is not None:
