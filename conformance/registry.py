@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -80,6 +81,8 @@ def _import_string(spec: str):
             sys.modules[module_spec.name] = module  # dataclasses and pickling look modules up here
             module_spec.loader.exec_module(module)
         else:
+            if os.getcwd() not in sys.path:  # `pytest` puts no folder on sys.path: my_kernels:fn from its own folder
+                sys.path.append(os.getcwd())
             module = importlib.import_module(target)
     except BackendNotFound:
         raise

@@ -1,9 +1,13 @@
 """The pytest plugin end to end, through pytester: options, usage errors, skips, summary, journal, rerun."""
 
 import json
+import os
 import shlex
+import subprocess
 import sys
 import textwrap
+
+from pathlib import Path
 
 import pytest
 
@@ -260,3 +264,16 @@ def test_a_case_without_the_checks_feature_is_skipped_not_a_harness_error(pytest
     result = pytester.runpytest(*SUITE, "--backend=naive", "--check=causal", "--case=b2_q17_k17_h4_d32_fp32_seed1")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*the causal check exercises causal, which case b2_q17_k17_h4_d32_fp32_seed1 does not have*"])
+
+
+def test_module_form_import_string_from_the_current_folder(tmp_path):
+    """`pytest --backend=my_kernels:fn` from the kernel's own folder (the console script, unlike
+    `python -m pytest` and pytester, puts no folder on sys.path)."""
+    (tmp_path / "my_kernels.py").write_text(GOOD_KERNEL)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    package = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(package)  # the suite under test, not the kernel's folder
+    result = subprocess.run([str(Path(sys.executable).parent / "pytest"), *SUITE, "--backend=my_kernels:attention",
+                             "--check=forward", "--case=b2_q17_k17_h4_d32_fp32_seed1", "--results-file="],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-1500:] + result.stderr[-500:]
