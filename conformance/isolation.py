@@ -42,7 +42,6 @@ class Described:
     spec: str
     backend: Backend | None
     error: str = ""
-    not_found: bool = False
     unavailable: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -74,7 +73,7 @@ class InProcess:
             try:
                 backend = registry.load(spec)
             except registry.BackendNotFound as exc:
-                rows.append(Described(spec, None, str(exc), not_found=True))
+                rows.append(Described(spec, None, str(exc)))
                 continue
             except Exception as exc:  # noqa: BLE001 - a broken third-party backend must not end a listing
                 rows.append(Described(spec, None, f"failed to load: {type(exc).__name__}: {exc}"))
@@ -104,7 +103,7 @@ class Isolated:
             d = replies.get(spec) if isinstance(replies, dict) else None
             try:
                 if isinstance(d, dict) and isinstance(d.get("error"), str):
-                    rows.append(Described(spec, None, d["error"], not_found=d.get("not_found") is True))
+                    rows.append(Described(spec, None, d["error"]))
                     continue
                 unavailable = d["unavailable"]
                 if not (isinstance(unavailable, list) and all(isinstance(u, str) for u in unavailable)):

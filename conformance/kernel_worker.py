@@ -135,7 +135,7 @@ class _Worker:
                 backend = self.backend(spec)
                 described[spec] = {"declaration": declaration(backend), "unavailable": list(backend.unavailable_reasons())}
             except registry.BackendNotFound as exc:
-                described[spec] = {"error": str(exc), "not_found": True}
+                described[spec] = {"error": str(exc)}
             except Exception as exc:  # noqa: BLE001 - a broken third-party backend is reported, not fatal
                 described[spec] = {"error": f"failed to load: {type(exc).__name__}: {exc}"}
         return described
