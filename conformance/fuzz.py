@@ -14,15 +14,7 @@ from hypothesis import strategies as st
 from conformance import grid
 from conformance.capabilities import Capabilities
 from conformance.case import Case
-
-# --fuzz=NAME selects one; they are registered as "conformance-NAME", leaving a project's own alone.
-PROFILES = {
-    # the same examples every run: no flaky CI; 25 finds every self-test mutant in at least 19 of 20
-    # random seeds (tools/fuzz_budget.py 25 20)
-    "ci": {"max_examples": 25, "derandomize": True},
-    "dev": {"max_examples": 100},
-    "thorough": {"max_examples": 1000},
-}
+from conformance.options import FUZZ_PROFILES as PROFILES  # --fuzz=NAME selects one (declared with the options)
 
 
 EDGES = (1, 2, 16, 17, 63, 64, 65, 127, 128, 129, 160)

@@ -1,85 +1,96 @@
 """The pytest plugin (entry point ``pytest11: attention_conformance``): options and hooks only. The
-run's state and policy live on a ``ConformanceSession`` (session.py), registered as a plugin of its own
-when pytest is configured; the fuzz driver, the listing, the journal and the summary have modules of
-their own."""
+run's state and policy live on a ``ConformanceSession`` (session.py); the fuzz driver, the listing,
+the journal and the summary have modules of their own.
+
+Installed, this module loads in every pytest run of the environment, so it is a good citizen there:
+
+- **Options.** Each option is ``--attn-NAME``; its short form ``--NAME`` (``--backend``, ``--device``,
+  ...) is added after the initial conftests have registered theirs, and only where no other plugin or
+  conftest defines ``--NAME``: in a repository whose conftest defines ``--device``, that option is
+  theirs and ours is ``--attn-device``.
+- **Weight.** At load it imports pytest, argparse and the light ``options``, ``tiers`` and ``workers``
+  modules only. The run is ours when one of our options is given, a ``conformance-*`` hypothesis
+  profile is named, or the run's arguments name the suite (``--pyargs conformance.suite``, or its
+  folder); only then are torch, hypothesis and the checks imported, the session built, the header
+  and the summary printed. A run that collects a test of the suite some other way (``pytest .`` above
+  an installed copy) becomes ours when that test is collected.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from conformance import fuzz, grid, summary, tiers, workers
-from conformance.checks import CHECKS, CORRECTNESS_CHECKS
-from conformance.fuzz_driver import NotFuzzable, fuzz_check
-from conformance.outcomes import Outcome
-from conformance.results import ResultsFileError
-from conformance.selection import SelectionError
-from conformance.session import ConformanceSession, positive_number
+from conformance import options, workers
+
+if TYPE_CHECKING:
+    from conformance.session import ConformanceSession
 
 CHECK_MARKER, FUZZ_MARKER = "attention_check", "attention_fuzz"
-SESSION = pytest.StashKey[ConformanceSession]()
+GROUP = "attention-conformance"
+SESSION = pytest.StashKey["ConformanceSession"]()
 LEARNT = pytest.StashKey[dict]()  # what a test learnt, for its journal record
-
-
-def _option_type(kind):
-    parse = positive_number(kind)
-
-    def checked(text):
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return checked
+SHORT_NAMES = pytest.StashKey[tuple]()  # the short option names that are ours in this run
+OURS = pytest.StashKey[bool]()  # whether the command line makes this run ours
+SUITE_DIR = Path(__file__).resolve().parent / "suite"
 
 
 def pytest_addoption(parser):
-    group = parser.getgroup("attention-conformance", "attention kernel conformance")
-    group.addoption("--backend", action="append", default=[], metavar="NAME",
-                    help="backend to test: a registered name, path/to/file.py:function or package.module:function; "
-                         "repeatable or comma-separated (default: every backend available here)")
-    group.addoption("--device", choices=("cpu", "cuda"), default=None,
-                    help="device to test on (default: cuda when available, else cpu)")
-    group.addoption("--tier", choices=tiers.TIERS, default=tiers.DEFAULT_TIER,
-                    help=f"size of the case grid (default: {tiers.DEFAULT_TIER})")
-    group.addoption("--check", action="append", default=[], metavar="NAME",
-                    help=f"run only these checks ({', '.join(CHECKS)}, fuzz); repeatable or comma-separated")
-    group.addoption("--case", action="append", default=[], metavar="CASE_ID",
-                    help="run exactly these case ids (as printed with a failure) instead of the tier's grid")
-    group.addoption("--list-backends", action="store_true",
-                    help="list every known backend, whether it is available here and why not, then exit")
-    group.addoption("--results-file", default="conformance-results.jsonl", metavar="PATH",
-                    help="JSON-lines journal of this run's cases, replaced each run ('' to disable)")
-    group.addoption("--isolation", choices=("process", "none"), default="process",
-                    help="run the kernel in a process of its own, apart from the judge, replaced when it crashes "
-                         "or hangs (default); or in the pytest process, for debugging (verdicts then unprotected)")
-    group.addoption("--case-timeout", type=_option_type(float), default=None, metavar="SECONDS",
-                    help="a call into the kernel running longer has timed out: a hang detector (default by tier: "
-                         + ", ".join(f"{t.name} {t.case_timeout_s:g}" for t in tiers.all_tiers())
-                         + "; needs --isolation=process)")
-    group.addoption("--crash-limit", type=_option_type(int), default=3, metavar="N",
-                    help="after N crashed or timed-out cases in a row, a backend's remaining cases are not run "
-                         "(default 3)")
-    group.addoption("--update-baselines", action="store_true",
-                    help="measure the speed cases and write them into the baselines of this GPU architecture")
-    group.addoption("--speed-against", default=None, metavar="BACKEND",
-                    help="speed check: compare with this backend (a registered name or an import string, e.g. the "
-                         "previous build of the same kernel), timed interleaved in the same run, instead of the "
-                         "stored baselines (the recommended CI gate)")
-    group.addoption("--baselines-dir", default=None, metavar="DIR",
-                    help="where speed baselines live, one folder per GPU architecture (default: ./baselines "
-                         "when it exists or when recording, else the baselines installed with this package)")
-    group.addoption("--memory-budget", type=_option_type(float), default=None, metavar="GB",
-                    help="report the longest sequence each backend reaches within this much extra memory")
-    group.addoption("--fuzz", choices=(*fuzz.PROFILES, "off"), default="ci",
-                    help=f"hypothesis settings of the fuzz test: ci ({fuzz.PROFILES['ci']['max_examples']} examples, "
-                         "derandomized; default), "
-                         "dev (100), thorough (1000), off")
+    group = parser.getgroup(GROUP, "attention kernel conformance (each --attn-NAME also as --NAME, where no "
+                                   "other plugin or conftest defines --NAME)")
+    for name, settings in options.declared().items():
+        group.addoption(options.canonical(name), dest=options.dest(name), **settings)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_load_initial_conftests(early_config, parser, args):
+    """After the initial conftests have registered their options, our short names where they are free.
+    (pytest parses the command line in full after this hook, so options added here are read.)"""
+    result = yield
+    taken = {name for group in [*parser._groups, parser._anonymous] for option in group.options
+             for name in option.names()}
+    group = parser.getgroup(GROUP)
+    ours = []
+    for name, settings in options.declared().items():
+        if f"--{name}" not in taken:
+            group.addoption(f"--{name}", dest=options.dest(name), **{**settings, "help": argparse.SUPPRESS})
+            ours.append(name)
+    early_config.stash[SHORT_NAMES] = tuple(ours)
+    return result
+
+
+def is_ours(config) -> bool:
+    """Whether the command line makes this run a conformance run: one of our options given (a value
+    other than its default), a conformance-* hypothesis profile named, or the suite among the run's
+    arguments."""
+    if OURS not in config.stash:
+        given = any(config.getoption(options.dest(name)) != settings["default"]
+                    for name, settings in options.declared().items())
+        profile = str(config.getoption("hypothesis_profile", None) or "")
+        config.stash[OURS] = (given or profile.startswith("conformance-")
+                              or any(_names_the_suite(str(arg), config) for arg in config.args))
+    return config.stash[OURS]
+
+
+def _names_the_suite(arg: str, config) -> bool:
+    target = arg.split("::")[0]
+    if config.option.pyargs and not Path(config.invocation_params.dir, target).exists():
+        return target in ("conformance", "conformance.suite") or target.startswith("conformance.suite.")
+    path = Path(config.invocation_params.dir, target).resolve()
+    if path == SUITE_DIR or SUITE_DIR in path.parents:
+        return True
+    if path in SUITE_DIR.parents:  # a folder above the suite: pytest collects it unless it skips a folder between
+        between = SUITE_DIR.relative_to(path).parts[:-1]
+        return not any(part.startswith(".") or part in ("site-packages", "dist-packages") for part in between)
+    return False
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    if config.getoption("list_backends"):
+    if config.getoption("attn_list_backends"):
         from conformance.listing import backend_listing
 
         print("\n".join(backend_listing()))
@@ -87,33 +98,30 @@ def pytest_cmdline_main(config):
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before hypothesis loads --hypothesis-profile
 def pytest_configure(config):
     config.addinivalue_line("markers", f"{CHECK_MARKER}(name): a conformance test of the named check")
     config.addinivalue_line("markers", f"{FUZZ_MARKER}: the property-based conformance test")
-    workerinput = getattr(config, "workerinput", None)  # set in a pytest-xdist worker
-    if workerinput is not None:
-        workers.pin(workerinput)
-    try:
-        session = ConformanceSession(config)
-    except (SelectionError, ResultsFileError) as exc:
-        raise pytest.UsageError(str(exc)) from None
-    config.stash[SESSION] = session
-    config.pluginmanager.register(Hooks(session), "attention-conformance-session")
+    plugin = Conformance(config)
+    config.pluginmanager.register(plugin, "attention-conformance-session")
+    if is_ours(config):
+        plugin.activate()
+
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` on a GPU host: one worker per visible GPU (not one per CPU core)."""
-    if config.getoption("device") in (None, "cuda"):
+    """``-n auto`` on a GPU host: one worker per visible GPU (not one per CPU core), in our runs only."""
+    if is_ours(config) and config.getoption("attn_device") in (None, "cuda"):
         return len(workers.visible_gpus()) or None
     return None
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
-    """The controller gives each pytest-xdist worker its GPU before the worker starts."""
+    """The controller gives each pytest-xdist worker its GPU before the worker starts (our runs only)."""
     config = node.config
-    if config.getoption("device") not in (None, "cuda"):
+    if not is_ours(config) or config.getoption("attn_device") not in (None, "cuda"):
         return
     gpus = workers.visible_gpus()
     gpu, shared_by = workers.assign(node.gateway.id, len(config.getoption("tx") or []), gpus)
@@ -132,15 +140,39 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["attention_conformance"] = gpu_machine_info("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class Hooks:
-    """The hooks that need the run's session."""
+class Conformance:
+    """The hooks of one pytest run. Inert (every hook returns at once) until the run is ours:
+    ``activate`` builds the session, from pytest_configure or when a test of the suite is collected."""
 
-    def __init__(self, session: ConformanceSession):
-        self.session = session
+    def __init__(self, config):
+        self.config = config
+        self.session: ConformanceSession | None = None
+
+    def activate(self) -> ConformanceSession:
+        if self.session is not None:
+            return self.session
+        config = self.config
+        workerinput = getattr(config, "workerinput", None)  # set in a pytest-xdist worker
+        if workerinput is not None:
+            workers.pin(workerinput)  # before anything can start CUDA here
+        from conformance.fuzz_driver import register_profiles
+        from conformance.results import ResultsFileError
+        from conformance.selection import SelectionError
+        from conformance.session import ConformanceSession
+
+        register_profiles()  # --hypothesis-profile=conformance-NAME can select one
+        try:
+            session = ConformanceSession(config, short_names=config.stash.get(SHORT_NAMES, ()))
+        except (SelectionError, ResultsFileError) as exc:
+            raise pytest.UsageError(str(exc)) from None
+        config.stash[SESSION] = self.session = session
+        return session
 
     def pytest_report_header(self):
+        if self.session is None:
+            return None
         s = self.session.selection
-        named = ", ".join(s.backend_specs) or "every backend available here (see --list-backends)"
+        named = ", ".join(s.backend_specs) or "every backend available here (see --attn-list-backends)"
         lines = [f"attention-conformance: device {s.device}, tier {s.tier}, backends: {named}"]
         if not self.session.runner.protected:
             lines.append("attention-conformance: --isolation=none: kernels run in this process, so a kernel can "
@@ -148,8 +180,15 @@ class Hooks:
         return lines
 
     def pytest_generate_tests(self, metafunc):
-        session, s = self.session, self.session.selection
         marker = metafunc.definition.get_closest_marker(CHECK_MARKER)
+        fuzz = metafunc.definition.get_closest_marker(FUZZ_MARKER)
+        if marker is None and fuzz is None:
+            return
+        from conformance import grid
+        from conformance.checks import CHECKS, CORRECTNESS_CHECKS
+
+        session = self.activate()
+        s = session.selection
         if marker is not None:
             check = CHECKS[marker.args[0]]
             params = []
@@ -159,12 +198,14 @@ class Hooks:
                 marks = [pytest.mark.skip(reason=f"{backend.name}: {'; '.join(reasons)}")] if reasons else []
                 params.append(pytest.param(backend, case, marks=marks, id=f"{backend.name}-{case.id}"))
             metafunc.parametrize(("attn_backend", "attn_case"), params)
-        elif metafunc.definition.get_closest_marker(FUZZ_MARKER) is not None:
+        else:
             params = [pytest.param(backend, check, id=f"{backend.name}-{check}")
                       for backend in s.backends() for check in CORRECTNESS_CHECKS]
             metafunc.parametrize(("attn_backend", "attn_fuzz_check"), params)
 
     def pytest_collection_modifyitems(self, config, items):
+        if self.session is None:
+            return
         s = self.session.selection
         keep, drop = [], []
         for item in items:
@@ -183,6 +224,8 @@ class Hooks:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = yield
+        if self.session is None:
+            return report
         final = call.when == "call" or (call.when == "setup" and not report.passed)
         marker = item.get_closest_marker(CHECK_MARKER)
         ours = marker or item.get_closest_marker(FUZZ_MARKER)
@@ -199,9 +242,13 @@ class Hooks:
     def pytest_runtest_logreport(self, report):
         record = getattr(report, "attention_record", None)
         if record is not None:
-            self.session.recorder.add(record)
+            self.activate().recorder.add(record)  # under pytest-xdist the controller learns it is ours here
 
     def pytest_terminal_summary(self, terminalreporter):
+        if self.session is None:
+            return
+        from conformance import summary
+
         records = self.session.recorder.records
         if not records:
             return
@@ -222,6 +269,8 @@ class Hooks:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session, exitstatus):
+        if self.session is None:
+            return
         self.session.baselines_written = self.session.write_baselines()
         if self.session.contract_breakers():
             session.exitstatus = pytest.ExitCode.USAGE_ERROR
@@ -230,7 +279,8 @@ class Hooks:
         self.session.recorder.finish(int(session.exitstatus))
 
     def pytest_unconfigure(self):
-        self.session.close()
+        if self.session is not None:
+            self.session.close()
 
 
 @pytest.fixture
@@ -238,6 +288,8 @@ def attn_check(request):
     """Runs this test's check on a backend and case, and reports it in pytest's terms: a failed
     verdict, a crash, a timeout or a harness error fails with a rerun line; unsupported, oom and not
     run skip."""
+    from conformance.outcomes import Outcome
+
     session = request.config.stash[SESSION]
     check = request.node.get_closest_marker(CHECK_MARKER).args[0]
 
@@ -263,6 +315,9 @@ def attn_check(request):
 @pytest.fixture
 def attn_fuzz(request):
     """Runs a check on hypothesis-drawn cases within the backend's declaration (fuzz_driver.py)."""
+    from conformance.fuzz_driver import NotFuzzable, fuzz_check
+    from conformance.outcomes import Outcome
+
     session = request.config.stash[SESSION]
 
     def run(backend, check):

@@ -43,10 +43,13 @@ class Selection:
     describe: Callable[[list[str]], list[isolation.Described]] = field(default=isolation.InProcess().describe,
                                                                        repr=False)
     _backends: list[Backend] | None = None
+    # the options whose short form (--device) is ours in this run; the others are --attn-NAME in rerun lines
+    short_names: tuple[str, ...] = ("backend", "device", "check", "case")
 
     @classmethod
     def from_options(cls, backend: list[str], device: str | None, tier: str, check: list[str],
-                     case: list[str], describe: Callable | None = None) -> Selection:
+                     case: list[str], describe: Callable | None = None,
+                     short_names: tuple[str, ...] = ("backend", "device", "check", "case")) -> Selection:
         device = device or default_device()
         if device == "cuda" and not torch.cuda.is_available():
             raise SelectionError(f"--device cuda, but torch {torch.__version__} sees no CUDA device")
@@ -65,7 +68,8 @@ class Selection:
                 raise SelectionError(f"--case: {exc}") from None
         if any(not value.strip(" ,") for value in backend):
             raise SelectionError("--backend is empty; name a backend (see --list-backends) or leave the option out")
-        selection = cls(device, tier, _split(backend), checks, case_ids, describe or isolation.InProcess().describe)
+        selection = cls(device, tier, _split(backend), checks, case_ids, describe or isolation.InProcess().describe,
+                        short_names=short_names)
         if selection.backend_specs:
             selection.backends()  # resolve now, so a bad name is a usage error before collection
         return selection
@@ -96,5 +100,5 @@ class Selection:
     def rerun_command(self, check: str, backend: Backend, case: Case) -> str:
         """One line that reruns exactly this check, backend and case, from any directory."""
         return ("pytest --pyargs conformance.suite " + " ".join(
-            shlex.quote(f"--{k}={v}") for k, v in
+            shlex.quote(f"--{k if k in self.short_names else 'attn-' + k}={v}") for k, v in
             (("backend", backend.name), ("device", self.device), ("check", check), ("case", case.id))))

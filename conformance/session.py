@@ -5,34 +5,24 @@ case results into pytest outcomes (failure texts, skip reasons, crash streaks, t
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from conformance import baselines, grid, isolation, tiers, workers
 from conformance.case import Case
 from conformance.checks import CHECKS
 from conformance.isolation import CaseResult
-from conformance.options import RunOptions
+from conformance.options import RunOptions, dest
 from conformance.outcomes import Outcome
 from conformance.results import Recorder
 from conformance.selection import Selection, SelectionError
 
 
-def positive_number(kind):
-    """An option value parser: a finite number above zero."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is not a valid {kind.__name__}") from None
-        if not value > 0 or math.isinf(value):
-            raise ValueError(f"must be a finite number > 0, not {text}")
-        return value
-    return parse
-
-
 class ConformanceSession:
-    def __init__(self, config):
-        option = config.getoption
+    def __init__(self, config, short_names=("backend", "device", "check", "case")):
+        """``short_names``: the options whose short form (--device) is ours in this run (the plugin's
+        SHORT_NAMES); rerun lines use --attn-NAME for the others."""
+        def option(name):  # the canonical --attn-NAME's value
+            return config.getoption(dest(name))
+
         isolated = option("isolation") == "process"
         if not isolated and option("case_timeout") is not None:
             raise SelectionError("--case-timeout needs --isolation=process: in the pytest process a hung kernel "
@@ -42,7 +32,8 @@ class ConformanceSession:
         self.runner = isolation.Isolated(self.timeout) if isolated else isolation.InProcess()
         try:
             self.selection = Selection.from_options(option("backend"), option("device"), tier, option("check"),
-                                                    option("case"), describe=self.runner.describe)
+                                                    option("case"), describe=self.runner.describe,
+                                                    short_names=tuple(short_names))
         except BaseException:
             self.runner.close()
             raise

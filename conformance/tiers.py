@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from conformance.case import Case
+if TYPE_CHECKING:  # the plugin reads the tiers in every pytest run: nothing heavy at import
+    from conformance.case import Case
 
 # Grid levels, smallest first: a check's cases() lists its intents per level (quick, standard, full).
 LEVELS = ("quick", "standard", "full")

@@ -157,13 +157,81 @@ def test_entry_point_backend(pytester):
     result.stdout.fnmatch_lines(["*causal alignment bottom_right not supported (declared: top_left)*"])
 
 
+UNRELATED_TEST = """
+import sys
+
+def test_x():
+    heavy = [m for m in ("torch", "conformance.session", "conformance.checks", "conformance.fuzz_driver")
+             if m in sys.modules]
+    assert not heavy, heavy
+"""
+
+
 def test_plugin_stays_out_of_unrelated_runs(pytester):
-    """Installed plugins load in every pytest run: one without conformance tests writes nothing."""
-    pytester.makepyfile(test_other="def test_x():\n    assert True\n")
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    """Installed plugins load in every pytest run: one without conformance tests imports nothing heavy
+    of ours (in a process of its own, so nothing this process imported counts), prints nothing of ours
+    and writes nothing."""
+    pytester.makepyfile(test_other=UNRELATED_TEST)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     assert not (pytester.path / "conformance-results.jsonl").exists()
-    assert "attention conformance" not in result.stdout.str()  # no verdict table of ours
+    output = result.stdout.str() + result.stderr.str()
+    assert "attention-conformance:" not in output and "attention conformance" not in output  # header, summary
+
+
+FOREIGN_CONFTEST = """
+import pytest
+
+def pytest_addoption(parser):  # options of the repository's own, named like ours (Triton's tests define --device)
+    parser.addoption("--device", default="cuda")
+    parser.addoption("--check", action="store_true")
+
+@pytest.fixture
+def device(request):
+    return request.config.getoption("--device")
+"""
+
+
+def test_a_repository_defining_our_short_names_keeps_them_and_our_prefixed_names_work(pytester):
+    """Its conftest's --device and --check are its own, its tests run, and the suite runs beside them
+    with --attn-device and --attn-check (its rerun lines say so)."""
+    pytester.makeconftest(FOREIGN_CONFTEST)
+    pytester.makepyfile(test_own="def test_own(device, pytestconfig):\n"
+                                 "    assert device == 'xpu' and pytestconfig.getoption('check') is True\n")
+    case = "b2_q17_k17_h4_d32_fp32_seed1"
+    result = pytester.runpytest("-p", "no:cacheprovider", "--device=xpu", "--check", "test_own.py", "--pyargs",
+                                "conformance.suite", "--attn-device=cpu", "--backend=naive", "--attn-check=forward",
+                                f"--case={case}", "--isolation=none")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*attention-conformance: device cpu, tier standard, backends: naive*"])
+    record = next(r for r in journal(pytester) if r["record"] == "case")
+    assert record["rerun"] == (f"pytest --pyargs conformance.suite --backend=naive --attn-device=cpu "
+                               f"--attn-check=forward --case={case}")
+
+
+def test_a_run_is_ours_when_its_options_or_arguments_name_the_suite(pytester, monkeypatch):
+    """What makes a run ours (and so -n auto count GPUs rather than CPU cores): our options, a
+    conformance hypothesis profile, the suite by module or by folder, or a folder above a checkout's
+    suite; not a folder above an installed copy (pytest does not collect site-packages)."""
+    from conformance import plugin, workers
+
+    monkeypatch.setattr(workers, "visible_gpus", lambda: ["0", "1"])
+    pytester.makepyfile(test_other="def test_x():\n    pass\n")
+    ours = {args: plugin.is_ours(pytester.parseconfig(*args)) for args in [
+        ("test_other.py",), ("--tier=quick",), ("--attn-tier=quick",), ("--hypothesis-profile=conformance-dev",),
+        ("--pyargs", "conformance.suite"), ("--pyargs", "conformance.suite.test_fuzz::test_fuzz"),
+        (str(plugin.SUITE_DIR),), (str(plugin.SUITE_DIR / "test_conformance.py") + "::test_forward",)]}
+    assert ours == {args: args != ("test_other.py",) for args in ours}
+    assert plugin.pytest_xdist_auto_num_workers(pytester.parseconfig("test_other.py")) is None
+    assert plugin.pytest_xdist_auto_num_workers(pytester.parseconfig("--pyargs", "conformance.suite")) == 2
+    assert not plugin.is_ours(pytester.parseconfig("--pyargs", "conformancex"))
+
+    installed = pytester.mkdir("venv-lib") / "site-packages" / "conformance" / "suite"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(plugin, "SUITE_DIR", installed)
+    assert not plugin.is_ours(pytester.parseconfig("."))
+    monkeypatch.setattr(plugin, "SUITE_DIR", pytester.path / "checkout" / "conformance" / "suite")
+    assert plugin.is_ours(pytester.parseconfig("."))
 
 
 def test_wrong_layout_is_a_usage_error_with_the_fix(pytester):
