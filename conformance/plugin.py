@@ -98,15 +98,27 @@ def pytest_cmdline_main(config):
     return None
 
 
-@pytest.hookimpl(tryfirst=True)  # before hypothesis loads --hypothesis-profile
+@pytest.hookimpl(tryfirst=True)  # before hypothesis loads --hypothesis-profile, before pytest-benchmark's storage
 def pytest_configure(config):
     config.addinivalue_line("markers", f"{CHECK_MARKER}(name): a conformance test of the named check")
     config.addinivalue_line("markers", f"{FUZZ_MARKER}: the property-based conformance test")
     plugin = Conformance(config)
     config.pluginmanager.register(plugin, "attention-conformance-session")
     if is_ours(config):
+        _no_benchmark_storage(config)
         plugin.activate()
 
+
+def _no_benchmark_storage(config):
+    """pytest-benchmark creates its storage folder (``--benchmark-storage``, ./.benchmarks) when it is
+    configured, in every run, whether or not any benchmark runs. The suite runs none; unless this run
+    saves or compares pytest-benchmark results, its storage is pointed at the current folder, which
+    exists, so nothing is created (its pytest_configure is trylast: this runs before it)."""
+    if config.getoption("benchmark_storage", None) is None:
+        return
+    if any(config.getoption(name, None) for name in ("benchmark_save", "benchmark_autosave", "benchmark_compare")):
+        return
+    config.option.benchmark_storage = "file://."
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -194,7 +194,7 @@ def device(request):
 
 def test_a_repository_defining_our_short_names_keeps_them_and_our_prefixed_names_work(pytester):
     """Its conftest's --device and --check are its own, its tests run, and the suite runs beside them
-    with --attn-device and --attn-check (its rerun lines say so)."""
+    with --attn-device and --attn-check (its rerun lines say so). The same run writes no .benchmarks/."""
     pytester.makeconftest(FOREIGN_CONFTEST)
     pytester.makepyfile(test_own="def test_own(device, pytestconfig):\n"
                                  "    assert device == 'xpu' and pytestconfig.getoption('check') is True\n")
@@ -207,6 +207,7 @@ def test_a_repository_defining_our_short_names_keeps_them_and_our_prefixed_names
     record = next(r for r in journal(pytester) if r["record"] == "case")
     assert record["rerun"] == (f"pytest --pyargs conformance.suite --backend=naive --attn-device=cpu "
                                f"--attn-check=forward --case={case}")
+    assert not (pytester.path / ".benchmarks").exists()  # pytest-benchmark's storage, made by its configure
 
 
 def test_a_run_is_ours_when_its_options_or_arguments_name_the_suite(pytester, monkeypatch):
