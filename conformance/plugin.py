@@ -152,6 +152,20 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["attention_conformance"] = gpu_machine_info("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def junit_properties(record: dict) -> list[tuple[str, object]]:
+    """A case's facts as junit XML properties (``--junitxml``): backend, check, case, outcome, and the
+    comparison nearest its bound or past it (error, bound, which comparison), and the rerun line."""
+    props = [("backend", record["backend"]), ("check", record["check"]), ("case", record.get("case_id", "")),
+             ("outcome", record["outcome"])]
+    comparisons = [c for c in record.get("comparisons") or [] if c.get("bound")]
+    if comparisons:
+        worst = max(comparisons, key=lambda c: c["error"] / c["bound"])
+        props += [("error", worst["error"]), ("bound", worst["bound"]), ("comparison", worst["name"])]
+    if record.get("rerun"):
+        props.append(("rerun", record["rerun"]))
+    return props
+
+
 class Conformance:
     """The hooks of one pytest run. Inert (every hook returns at once) until the run is ours:
     ``activate`` builds the session, from pytest_configure or when a test of the suite is collected."""
@@ -249,6 +263,7 @@ class Conformance:
                 check=marker.args[0] if marker else params["attn_fuzz_check"],
                 case=params.get("attn_case") or learnt.get("case"), fuzz=marker is None, outcome=outcome,
                 duration=report.duration, learnt=learnt, report_text=str(report.longrepr))
+            item.user_properties.extend(junit_properties(report.attention_record))  # junit XML reads them
         return report
 
     def pytest_runtest_logreport(self, report):

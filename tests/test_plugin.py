@@ -194,20 +194,31 @@ def device(request):
 
 def test_a_repository_defining_our_short_names_keeps_them_and_our_prefixed_names_work(pytester):
     """Its conftest's --device and --check are its own, its tests run, and the suite runs beside them
-    with --attn-device and --attn-check (its rerun lines say so). The same run writes no .benchmarks/."""
+    with --attn-device and --attn-check (its rerun lines say so). The same run writes no .benchmarks/
+    and gives junit XML the case's properties."""
     pytester.makeconftest(FOREIGN_CONFTEST)
     pytester.makepyfile(test_own="def test_own(device, pytestconfig):\n"
                                  "    assert device == 'xpu' and pytestconfig.getoption('check') is True\n")
     case = "b2_q17_k17_h4_d32_fp32_seed1"
     result = pytester.runpytest("-p", "no:cacheprovider", "--device=xpu", "--check", "test_own.py", "--pyargs",
                                 "conformance.suite", "--attn-device=cpu", "--backend=naive", "--attn-check=forward",
-                                f"--case={case}", "--isolation=none")
+                                f"--case={case}", "--isolation=none", "--junitxml=junit.xml")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*attention-conformance: device cpu, tier standard, backends: naive*"])
     record = next(r for r in journal(pytester) if r["record"] == "case")
     assert record["rerun"] == (f"pytest --pyargs conformance.suite --backend=naive --attn-device=cpu "
                                f"--attn-check=forward --case={case}")
     assert not (pytester.path / ".benchmarks").exists()  # pytest-benchmark's storage, made by its configure
+
+    import xml.etree.ElementTree as ET
+
+    cases = {c.get("name"): c for c in ET.parse(pytester.path / "junit.xml").iter("testcase")}
+    props = {p.get("name"): p.get("value") for p in cases[f"test_forward[naive-{case}]"].iter("property")}
+    worst = max(record["comparisons"], key=lambda c: c["error"] / c["bound"])
+    assert props == {"backend": "naive", "check": "forward", "case": case, "outcome": "passed",
+                     "error": str(worst["error"]), "bound": str(worst["bound"]), "comparison": worst["name"],
+                     "rerun": record["rerun"]}
+    assert not list(cases["test_own"].iter("property"))  # the repository's own tests get none
 
 
 def test_a_run_is_ours_when_its_options_or_arguments_name_the_suite(pytester, monkeypatch):
