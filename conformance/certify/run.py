@@ -35,9 +35,9 @@ def _conformance(usable: list[str], folder: Path) -> tuple[list[dict], dict]:
         (folder / f"conformance-{name}.jsonl").unlink(missing_ok=True)  # never read an earlier run's results
         with open(folder / f"conformance-{name}.log", "w", encoding="utf-8") as log:
             runs[name] = subprocess.Popen([sys.executable, "-m", "pytest", "--pyargs", "conformance.suite", "-q",
-                                           "-p", "no:cacheprovider", "--tier=quick", "--fuzz=off",
-                                           f"--check={','.join(CORRECTNESS_CHECKS)}", f"--backend={name}",
-                                           f"--results-file={folder / f'conformance-{name}.jsonl'}"],
+                                           "-p", "no:cacheprovider", "--attn-tier=quick", "--attn-fuzz=off",
+                                           f"--attn-check={','.join(CORRECTNESS_CHECKS)}", f"--attn-backend={name}",
+                                           f"--attn-results-file={folder / f'conformance-{name}.jsonl'}"],
                                           stdout=log, stderr=subprocess.STDOUT)
     records, exits = [], {}
     for name, process in runs.items():
