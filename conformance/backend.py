@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from conformance import features
 from conformance.capabilities import Capabilities
 from conformance.case import Case
-from conformance.inputs import alibi_slopes
 
 
 class Unsupported(Exception):
@@ -159,12 +159,8 @@ def kwargs_for(backend: Backend, case: Case, device) -> dict:
         kwargs["softmax_scale"] = case.softmax_scale
     if case.causal is not None and len(backend.capabilities.causal) > 1:
         kwargs["causal_alignment"] = case.causal
-    if case.window is not None:
-        kwargs["window_size"] = case.window
-    if case.softcap:
-        kwargs["softcap"] = case.softcap
-    if case.alibi:
-        kwargs["alibi_slopes"] = alibi_slopes(case.nheads).to(device)
+    for feature in features.present(case):
+        kwargs.update(feature.kwargs(case, device))
     return kwargs
 
 

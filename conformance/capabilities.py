@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from conformance import features
 from conformance.case import ALIGNMENTS, DTYPES, Case
 from conformance.reference import MASKED_ROW_CONVENTIONS, fully_masked_rows
 
@@ -39,6 +40,7 @@ class Capabilities:
     max_seqlen: int | None = None
     equal_seqlens: bool = False  # seqlen_q == seqlen_k only
     memory: str = "unknown"  # "linear" | "quadratic" | "unknown"
+    # one flag per case feature (features.FEATURES), named as the feature
     window: bool = False
     softcap: bool = False
     alibi: bool = False
@@ -146,11 +148,9 @@ class Capabilities:
                 reasons.append(f"seqlen {seqlen} above the maximum {self.max_seqlen}")
         if self.equal_seqlens and case.seqlen_q != case.seqlen_k:
             reasons.append("only seqlen_q == seqlen_k is supported")
-        for feature, present in (("window", case.window is not None), ("softcap", bool(case.softcap)),
-                                 ("alibi", case.alibi), ("varlen", case.varlen is not None),
-                                 ("kvcache", case.cache_seqlens is not None)):
-            if present and not getattr(self, feature):
-                reasons.append(f"{feature} not supported")
+        for feature in features.present(case):
+            if not getattr(self, feature.name):
+                reasons.append(f"{feature.name} not supported")
         for feature in needs:
             if not getattr(self, feature):
                 reasons.append(f"{feature.replace('_', ' ')} not supported")
@@ -160,8 +160,8 @@ class Capabilities:
 
     def summary(self) -> str:
         """One line for --list-backends."""
-        feats = [f for f in ("gqa", "mqa", "backward", "window", "softcap", "alibi", "varlen", "kvcache",
-                             "dropout", "deterministic_backward") if getattr(self, f)]
+        feats = [f for f in ("gqa", "mqa", "backward", *features.BY_NAME, "dropout", "deterministic_backward")
+                 if getattr(self, f)]
         causal = "/".join(self.causal) if self.causal else "none"
         return (f"devices {','.join(sorted(self.devices))}; dtypes {','.join(sorted(self.dtypes))}; "
                 f"head dims {self.head_dim_text()}; causal {causal}; masked rows -> {self.masked_rows}; "

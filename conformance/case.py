@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from conformance import features
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 ALIGNMENTS = ("bottom_right", "top_left")
 LAYOUTS = ("contiguous", "packed", "bhsd")
@@ -31,6 +33,8 @@ class Case:
       head_dim) storage). The last two are non-contiguous.
     magnitude: standard deviation of q and k; 16 puts logits far above 88, where an exp without
       max-subtraction overflows in float32.
+    The optional features (window ... cache_seqlens) are declared in features.py: their id tokens,
+    keywords, checks and draws.
     window: (left, right) sliding window as in flash-attn's window_size, -1 meaning unbounded.
     softcap: 0 for none, else scores become softcap * tanh(scores / softcap).
     alibi: add ALiBi biases -slope_h * |i + seqlen_k - seqlen_q - j| with the standard slopes.
@@ -76,17 +80,14 @@ class Case:
             problems.append("layout 'packed' needs seqlen_q == seqlen_k")
         if self.softmax_scale is not None and not self.softmax_scale > 0:
             problems.append("softmax_scale must be > 0")
-        if self.softcap < 0 or self.magnitude <= 0:
-            problems.append("softcap must be >= 0 and magnitude > 0")
-        if self.varlen is not None and (len(self.varlen) != self.batch or min(self.varlen) < 1
-                                        or max(self.varlen) != self.seqlen_q or self.seqlen_q != self.seqlen_k):
-            problems.append("varlen needs one length >= 1 per batch item, the longest equal to seqlen_q and seqlen_k")
-        if self.cache_seqlens is not None and (len(self.cache_seqlens) != self.batch or min(self.cache_seqlens) < 0
-                                               or max(self.cache_seqlens) + self.seqlen_q > self.seqlen_k):
-            problems.append("cache_seqlens needs one count >= 0 per batch item, each leaving room for seqlen_q "
-                            "new tokens in a cache of seqlen_k")
-        if self.varlen is not None and self.cache_seqlens is not None:
-            problems.append("varlen and cache_seqlens do not combine")
+        if self.magnitude <= 0:
+            problems.append("magnitude must be > 0")
+        used = features.present(self)
+        for feature in used:
+            problems += feature.problems(self)
+        own_calls = [f.name for f in used if f.own_call]
+        if len(own_calls) > 1:
+            problems.append(f"{' and '.join(own_calls)} do not combine")
         if problems:
             raise ValueError("invalid case: " + "; ".join(problems))
 
@@ -117,16 +118,7 @@ class Case:
             parts.append(self.layout)
         if self.magnitude != 1.0:
             parts.append(f"x{self.magnitude:g}")
-        if self.window is not None:
-            parts.append(f"win{self.window[0]}.{self.window[1]}")
-        if self.softcap:
-            parts.append(f"cap{self.softcap:g}")
-        if self.alibi:
-            parts.append("alibi")
-        if self.varlen is not None:
-            parts.append("varlen" + ".".join(map(str, self.varlen)))
-        if self.cache_seqlens is not None:
-            parts.append("cache" + ".".join(map(str, self.cache_seqlens)))
+        parts += [f.id_token(self) for f in features.present(self)]
         parts.append(f"seed{self.seed}")
         return "_".join(parts)
 
@@ -147,17 +139,8 @@ class Case:
                     fields["softmax_scale"] = float(token[5:])
                 elif token in LAYOUTS:
                     fields["layout"] = token
-                elif token.startswith("win"):
-                    left, right = token[3:].split(".")
-                    fields["window"] = (int(left), int(right))
-                elif token.startswith("cap"):
-                    fields["softcap"] = float(token[3:])
-                elif token == "alibi":
-                    fields["alibi"] = True
-                elif token.startswith("varlen"):
-                    fields["varlen"] = tuple(int(n) for n in token[6:].split("."))
-                elif token.startswith("cache"):
-                    fields["cache_seqlens"] = tuple(int(n) for n in token[5:].split("."))
+                elif (feature := features.read_token(token)) is not None:
+                    fields[feature[0]] = feature[1]
                 elif token.startswith("x"):
                     fields["magnitude"] = float(token[1:])
                 else:

@@ -97,3 +97,38 @@ def test_add_a_check(tmp_path):
     assert good.returncode == 0 and "1 passed" in good.stdout, good.stdout[-2000:]
     bad = _pytest(package, "--backend=nan_kernel.py:fn", "--check=finite_only")
     assert bad.returncode == 1 and "[finite] not finite" in bad.stdout, bad.stdout[-2000:]
+
+
+TEMPERATURE_KERNEL = '''from conformance.backends import naive
+
+
+def fn(q, k, v, temperature=1.0, softmax_scale=None, **kw):
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    return naive.attention(q, k, v, softmax_scale=scale / temperature, **kw)
+
+
+fn.conformance_capabilities = {"temperature": True}
+'''
+
+
+def test_add_a_case_feature(tmp_path):
+    package = _copy(tmp_path)
+    # 1. a field of Case, its default the value that means "not used"
+    _edit(package / "case.py", "    seed: int = 0\n", "    temperature: float = 1.0\n    seed: int = 0\n")
+    # 2. a row of features.FEATURES: id token, keyword arguments, fuzz draw
+    _edit(package / "features.py", "FEATURES: tuple[Feature, ...] = (\n",
+          "FEATURES: tuple[Feature, ...] = (\n"
+          '    Feature("temperature", "temperature", 1.0, "temp", encode=lambda v: f"{v:g}", decode=float,\n'
+          '            kwargs=lambda case, device: {"temperature": case.temperature},\n'
+          '            draw=lambda draw, fields, max_seqlen: fields.update(temperature=2.0)),\n')
+    # 3. its flag in Capabilities, named as the feature
+    _edit(package / "capabilities.py", "    window: bool = False\n", "    temperature: bool = False\n    window: bool = False\n")
+    # 4. its term in the formula (reference.py)
+    _edit(package / "reference.py", "    capped = None\n", "    scores = r(scores / case.temperature)\n    capped = None\n")
+    (package.parent / "hot.py").write_text(TEMPERATURE_KERNEL)
+    (package.parent / "cold.py").write_text(TEMPERATURE_KERNEL.replace("scale / temperature", "scale"))
+    case = "b1_q33_k47_h2_d16_fp32_temp2.5_seed1"
+    run = _pytest(package, "--backend=hot.py:fn,cold.py:fn,naive", "--check=forward", f"--case={case}", "-rs")
+    assert "hot.py:fn" in run.stdout and re.search(r"^hot\.py:fn +1/0/0 +pass", run.stdout, re.M), run.stdout[-3000:]
+    assert re.search(r"^cold\.py:fn +0/1/0 +FAIL", run.stdout, re.M), run.stdout[-3000:]  # the term is in the reference
+    assert "temperature not supported" in run.stdout, run.stdout[-3000:]  # naive does not declare it

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from conformance.case import Case
+from conformance.features import present
 from conformance.verdict import Verdict
 
 
@@ -32,8 +33,7 @@ class Check:
 
     def lacks_feature(self, case: Case) -> str | None:
         """Why ``case`` is no case of this check (a --case id without the feature it exercises), or None."""
-        has = {"causal": case.causal is not None, "window": case.window is not None, "softcap": bool(case.softcap),
-               "alibi": case.alibi, "varlen": case.varlen is not None, "kvcache": case.cache_seqlens is not None}
-        if self.feature is not None and not has[self.feature]:
+        has = case.causal is not None if self.feature == "causal" else self.feature in {f.name for f in present(case)}
+        if self.feature is not None and not has:
             return f"the {self.name} check exercises {self.feature}, which case {case.id} does not have"
         return None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from conformance import baselines, registry, speed_verdict, tiers
+from conformance import baselines, features, registry, speed_verdict, tiers
 from conformance.backend import Backend, call, run_kernel_side
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -121,7 +121,7 @@ def row_block(case: Case, rng) -> RowBlock:
     mask is unchanged when cut: the last rows (bottom-right) or the first (top-left)."""
     sq, sk = case.seqlen_q, case.seqlen_k
     m = min(CHECKED_ROWS, sq)
-    plain = not (case.window or case.alibi or case.softcap or case.varlen or case.cache_seqlens)
+    plain = not features.present(case)
     if plain and case.causal is None:
         start = rng.randrange(sq - m + 1)
         return RowBlock(start, m, sk, case.replace(seqlen_q=m))

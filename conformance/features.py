@@ -1,0 +1,146 @@
+"""The optional features of a case, declared once: one ``Feature`` row per feature.
+
+A row says everything the suite needs to know about a feature except its formula (which stays in
+``reference.py``, where the whole definition reads together) and the two declarations it keys: the
+``Case`` field that holds it and the ``Capabilities`` flag of the same name. From the rows come the
+case id's tokens, the validation of a case, the keyword arguments a backend is called with, the skip
+reason of a backend without the feature, whether a case exercises a check's feature, and the fuzzer's
+draws. ``tests/test_features.py`` holds the rows and the two declarations to each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in text.split("."))
+
+
+def _dotted(values) -> str:
+    return ".".join(map(str, values))
+
+
+@dataclass(frozen=True)
+class Feature:
+    """name: the capability flag, a check's ``feature`` and what the fuzzer is asked for.
+    field: the ``Case`` field; ``absent`` is its value in a case without the feature.
+    token, encode, decode: the id token (``token + encode(value)``; ``decode`` reads the rest back).
+    problems(case): why the feature's value cannot be (empty when it can), beside Case's own checks.
+    kwargs(case, device): the flash-attn keyword arguments that ask for it ({} for a feature that has a
+      function of its own, such as varlen's ``varlen_fn``).
+    draw(draw, fields, max_seqlen): a fuzzed value, set in ``fields`` (the case being drawn; a feature
+      with a call of its own also sets the shapes it needs).
+    own_call: the feature is a calling convention of its own (contiguous layout, not combined with the
+      other features); otherwise the fuzzer adds it to other checks' cases one draw in four.
+    """
+
+    name: str
+    field: str
+    absent: Any
+    token: str
+    encode: Callable[[Any], str]
+    decode: Callable[[str], Any]
+    kwargs: Callable[[Any, Any], dict]
+    draw: Callable[..., None]
+    problems: Callable[[Any], list[str]] = lambda case: []
+    own_call: bool = False
+
+    def present(self, case) -> bool:
+        return getattr(case, self.field) != self.absent
+
+    def id_token(self, case) -> str:
+        return self.token + self.encode(getattr(case, self.field))
+
+
+# -- draws (hypothesis strategies are imported by the fuzzer only) ------------------------------------
+
+def _draw_window(draw, fields, max_seqlen):
+    from hypothesis import strategies as st
+
+    edge = st.one_of(st.integers(-1, 8), st.integers(-1, max_seqlen))  # narrow windows, where edges show
+    window = (draw(edge), draw(edge))
+    fields["window"] = (0, -1) if window == (-1, -1) else window
+
+
+def _draw_softcap(draw, fields, max_seqlen):
+    from hypothesis import strategies as st
+
+    fields["softcap"] = draw(st.sampled_from((1.0, 5.0, 30.0)))
+
+
+def _draw_alibi(draw, fields, max_seqlen):
+    fields["alibi"] = True
+
+
+def _draw_varlen(draw, fields, max_seqlen):
+    from hypothesis import strategies as st
+
+    varlen = tuple(draw(st.lists(st.integers(1, max_seqlen), min_size=1, max_size=4)))
+    fields.update(varlen=varlen, batch=len(varlen), seqlen_q=max(varlen), seqlen_k=max(varlen))
+
+
+def _draw_cache(draw, fields, max_seqlen):
+    from hypothesis import strategies as st
+
+    sq = draw(st.integers(1, 8))
+    sk = draw(st.integers(sq, max_seqlen))
+    cache = tuple(draw(st.lists(st.integers(0, sk - sq), min_size=fields["batch"], max_size=fields["batch"])))
+    fields.update(seqlen_q=sq, seqlen_k=sk, cache_seqlens=cache)
+
+
+# -- keyword arguments ------------------------------------------------------------------------------
+
+def _alibi_kwargs(case, device) -> dict:
+    from conformance.inputs import alibi_slopes
+
+    return {"alibi_slopes": alibi_slopes(case.nheads).to(device)}
+
+
+def _varlen_problems(case) -> list[str]:
+    lens = case.varlen
+    if len(lens) != case.batch or min(lens) < 1 or max(lens) != case.seqlen_q or case.seqlen_q != case.seqlen_k:
+        return ["varlen needs one length >= 1 per batch item, the longest equal to seqlen_q and seqlen_k"]
+    return []
+
+
+def _cache_problems(case) -> list[str]:
+    n = case.cache_seqlens
+    if len(n) != case.batch or min(n) < 0 or max(n) + case.seqlen_q > case.seqlen_k:
+        return ["cache_seqlens needs one count >= 0 per batch item, each leaving room for seqlen_q new tokens "
+                "in a cache of seqlen_k"]
+    return []
+
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("window", "window", None, "win", encode=_dotted, decode=_lengths,
+            kwargs=lambda case, device: {"window_size": case.window}, draw=_draw_window,
+            problems=lambda case: [] if len(case.window) == 2 else ["window is (left, right)"]),
+    Feature("softcap", "softcap", 0.0, "cap", encode=lambda v: f"{v:g}", decode=float,
+            kwargs=lambda case, device: {"softcap": case.softcap}, draw=_draw_softcap,
+            problems=lambda case: [] if case.softcap > 0 else ["softcap must be >= 0"]),
+    Feature("alibi", "alibi", False, "alibi", encode=lambda v: "", decode=lambda text: True,
+            kwargs=_alibi_kwargs, draw=_draw_alibi),
+    Feature("varlen", "varlen", None, "varlen", encode=_dotted, decode=_lengths,
+            kwargs=lambda case, device: {}, draw=_draw_varlen, problems=_varlen_problems, own_call=True),
+    Feature("kvcache", "cache_seqlens", None, "cache", encode=_dotted, decode=_lengths,
+            kwargs=lambda case, device: {}, draw=_draw_cache, problems=_cache_problems, own_call=True),
+)
+BY_NAME = {f.name: f for f in FEATURES}
+
+
+def present(case) -> list[Feature]:
+    """The features ``case`` uses."""
+    return [f for f in FEATURES if f.present(case)]
+
+
+def read_token(token: str) -> tuple[str, Any] | None:
+    """(field, value) for a feature's id token, or None when it is none of theirs; the longest
+    matching prefix wins. A ValueError when the prefix matches but the rest does not read."""
+    for f in sorted(FEATURES, key=lambda f: -len(f.token)):
+        rest = token[len(f.token):]
+        if token.startswith(f.token) and (rest == "") == (f.absent is False):  # a flag's token is bare
+            return f.field, f.decode(rest)
+    return None
