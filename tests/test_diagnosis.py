@@ -140,3 +140,35 @@ def test_sanity_keeps_cached_result_for_a_kernel_right_on_the_first_input():
     (fresh,) = [f for f in verdict.findings if f.property == "fresh-output"]
     assert "did not get its own result (a result cached by shape?)" in fresh.message
     assert fresh.diagnosis is None
+
+
+def test_a_failure_right_on_a_second_call_is_named_transient_and_still_fails():
+    """A kernel wrong only on its first call (the shape of a false alarm once seen on the first case of a
+    run): the second opinion says so, and the verdict stays a failure."""
+    from conformance.backend import Backend
+    from conformance.capabilities import Capabilities
+
+    calls = []
+
+    def first_call_off(q, k, v, **kw):
+        calls.append(1)
+        out = naive.attention(q, k, v, **kw)
+        return out + 1e-4 * torch.randn_like(out) if len(calls) == 1 else out
+
+    case = Case(seed=3)
+    verdict = CHECKS["forward"].run(Backend("first-call-off", first_call_off, Capabilities()), case, "cpu")
+    assert not verdict.passed and len(calls) == 2
+    assert "transient" in verdict.findings[0].message and "second call" in verdict.findings[0].message
+
+
+def test_a_reference_that_changes_between_computations_is_the_suites_fault(monkeypatch):
+    from dataclasses import replace
+
+    from conformance.backend import Backend
+    from conformance.capabilities import Capabilities
+    from conformance.checks import forward
+
+    real = forward.expected
+    monkeypatch.setattr(forward, "expected", lambda *a, **kw: replace(real(*a, **kw), out=real(*a, **kw).out + 1e-3))
+    with pytest.raises(RuntimeError, match="the suite is at fault"):
+        CHECKS["forward"].run(Backend("naive", naive.attention, Capabilities()), Case(seed=4), "cpu")

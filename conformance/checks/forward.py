@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 
+import torch
+
 from conformance import diagnosis, grid
 from conformance.backend import Backend, call
 from conformance.case import Case
 from conformance.checks.check import Check
-from conformance.expected import expected
+from conformance.expected import expected, expected_for
 from conformance.inputs import make_inputs
 from conformance.tolerance import FORWARD_MULTIPLE, Comparison, compare
 from conformance.verdict import Verdict
@@ -84,16 +86,41 @@ def cases(tier: str) -> list[Case]:
 def output_comparison(backend: Backend, case: Case, device: str, out=None, diagnose: bool = True) -> Comparison:
     """Run the backend on the case's inputs (unless ``out`` is given) and hold it to the reference; a
     failed comparison carries the diagnosis of the output (diagnosis.py) unless not ``diagnose``."""
-    if out is None:
+    called = out is None
+    if called:
         inputs = make_inputs(case, device)
         out = call(backend, inputs.q, inputs.k, inputs.v, case)
-    exp = expected(case, device, backend.capabilities.masked_rows, False, backend.capabilities.accumulation)
-    comparison = compare("out", out, exp.out, exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
-                         FORWARD_MULTIPLE, max(case.seqlen_q, case.seqlen_k))
+    caps = backend.capabilities
+    exp = expected(case, device, caps.masked_rows, False, caps.accumulation)
+    comparison = _compare(out, exp, case)
     if comparison.passed or not diagnose:
         return comparison
-    return diagnosis.diagnosed(comparison, diagnosis.diagnose_output(case, out, backend.capabilities.masked_rows,
-                                                                     comparison))
+    found = diagnosis.diagnose_output(case, out, caps.masked_rows, comparison)
+    if found is None and called:
+        found = _second_opinion(backend, case, device, exp, comparison)
+    return diagnosis.diagnosed(comparison, found)
+
+
+def _compare(out, exp, case: Case) -> Comparison:
+    return compare("out", out, exp.out, exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
+                   FORWARD_MULTIPLE, max(case.seqlen_q, case.seqlen_k))
+
+
+def _second_opinion(backend: Backend, case: Case, device: str, exp, first: Comparison):
+    """A failure no hypothesis explains is checked once more before it is reported: the reference is
+    recomputed from freshly drawn inputs (a difference is the suite's own bug, raised as such), and the
+    kernel is called again on them. A second result within the bound is said: the first was transient
+    (the verdict stays a failure: a kernel that is sometimes wrong is wrong)."""
+    caps = backend.capabilities
+    inputs = make_inputs(case, device)
+    again = expected_for(inputs.clone(), case, caps.masked_rows, False, caps.accumulation)
+    if not torch.equal(again.out, exp.out) or again.out_torch_error != exp.out_torch_error:
+        raise RuntimeError(f"the reference for {case.id} changed between two computations: the suite is at fault")
+    second = _compare(call(backend, inputs.q, inputs.k, inputs.v, case), exp, case)
+    if not second.passed:
+        return None
+    return diagnosis.Diagnosis("transient", f"a second call on fresh copies of the same inputs was within the bound "
+                                            f"(error {second.error:.3e}); the first result ({first.error:.3e}) was not")
 
 
 def run(backend: Backend, case: Case, device: str) -> Verdict:
