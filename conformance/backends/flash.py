@@ -43,7 +43,8 @@ def built_head_dims(library_path: str) -> frozenset[int] | None:
     return frozenset(dims)
 
 
-def _head_dims() -> dict:
+def installed_head_dims() -> dict:
+    """The head_dims declaration for the installed flash-attn build: {} when it has every kernel."""
     try:
         spec = importlib.util.find_spec("flash_attn_2_cuda")
     except (ImportError, ValueError):
@@ -84,7 +85,7 @@ BACKEND = Backend(
     fn=attention,
     capabilities=Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"fp16", "bf16"}), memory="linear",
                               window=True, softcap=True, alibi=True, varlen=True, kvcache=True,
-                              deterministic_backward=True, **_head_dims()),
+                              deterministic_backward=True, **installed_head_dims()),
     description="flash-attn 2.x: flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache",
     unavailable_reasons=unavailable_reasons,
     varlen_fn=varlen_attention,

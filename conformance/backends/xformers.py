@@ -11,6 +11,7 @@ no usable operator; the reasons are xFormers' own (its load error, and each oper
 from __future__ import annotations
 
 from conformance.backend import Backend, Unsupported
+from conformance.backends import flash
 from conformance.backends.requirements import cuda_reasons, import_reasons, package_reasons
 from conformance.capabilities import Capabilities
 
@@ -83,11 +84,16 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return out.reshape(q.shape)
 
 
+# Where the flash-attn package is installed, xFormers' FA2 operator calls its kernels (xformers 0.0.35,
+# xformers/ops/fmha/flash.py), and its dispatcher picks that operator for 16-bit inputs: with a flash-attn
+# build that has kernels for some head dims only, the others crash the process (SIGSEGV, seen on the H100
+# with a d64/d128 build). The declaration follows the build, as flash's does.
 BACKEND = Backend(
     name="xformers",
     fn=attention,
     capabilities=Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"fp16", "bf16", "fp32"}),
-                              causal=("bottom_right", "top_left"), memory="linear", varlen=True),
+                              causal=("bottom_right", "top_left"), memory="linear", varlen=True,
+                              **flash.installed_head_dims()),
     description="xformers.ops.memory_efficient_attention with its attention biases",
     unavailable_reasons=unavailable_reasons,
     varlen_fn=varlen_attention,
