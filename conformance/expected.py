@@ -25,6 +25,7 @@ class Expected:
     out: torch.Tensor  # float64
     out_torch_error: float
     out_magnitude: float  # the terms' magnitude (reference.term_magnitudes), for the tolerance's floor
+    logit_magnitude: float  # that of the logits' terms, for the tolerance's logit-rounding term
     grads: tuple[torch.Tensor, ...] | None  # float64 dq, dk, dv
     grad_torch_errors: tuple[float, ...] | None
     grad_magnitudes: tuple[float, ...] | None
@@ -97,5 +98,5 @@ def expected_for(inputs: Inputs, case: Case, masked_rows: str, grads: bool, accu
                 grad_errs = [max(e, max_abs_error(g1, r), max_abs_error(g2, r))
                              for e, g1, g2, r in zip(grad_errs, p_grads, flash_grads, ref_grads)]
     magnitudes = reference.term_magnitudes(inputs.q, inputs.k, inputs.v, inputs.dout, case, masked_rows)
-    return Expected(out, out_err, magnitudes[0], ref_grads, tuple(grad_errs) if grads else None,
-                    magnitudes[1:] if grads else None)
+    return Expected(out, out_err, magnitudes[0], magnitudes[4], ref_grads, tuple(grad_errs) if grads else None,
+                    magnitudes[1:4] if grads else None)

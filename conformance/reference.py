@@ -222,10 +222,12 @@ def flash_backward(q, k, v, dout, case: Case, *, masked_rows: str = "zeros", ord
     return tuple(t.to(dtype) for t in (dq, dk, dv))
 
 
-def term_magnitudes(q, k, v, dout, case: Case, masked_rows: str = "zeros") -> tuple[float, float, float, float]:
+def term_magnitudes(q, k, v, dout, case: Case, masked_rows: str = "zeros") -> tuple[float, float, float, float, float]:
     """For out, dq, dk, dv: the largest sum of absolute values of the terms that make one element
-    (|P|·|V| for out; scale·|P∘(|dP|+|D|)|·|K| for dq, its transpose with |Q| for dk; |P|ᵀ·|dO| for dv),
-    in float64. Rounding errors scale with these, not with the result, which can cancel to ~0."""
+    (|P|·|V| for out; scale·|P∘(|dO|·|V| + |dO|·|O|)|·|K| for dq, where dP = dO·V and D = dO·O are
+    themselves sums that cancel, its transpose with |Q| for dk; |P|ᵀ·|dO| for dv), in float64; and, last,
+    that of the logits (scale·|Q|·|K|). Rounding errors scale with these, not with the result, which can
+    cancel to ~0."""
     q, k, v, dout = (t.detach().to(torch.float64) for t in (q, k, v, dout))
     b, sq, h, d = q.shape
     kx, vx = _expand(k, v, case)
@@ -235,8 +237,8 @@ def term_magnitudes(q, k, v, dout, case: Case, masked_rows: str = "zeros") -> tu
     if empty is not None and masked_rows == "mean_v":
         probs = torch.where(empty.view(-1, 1), 1.0 / case.seqlen_k, probs)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vx)
-    delta = (dout * out).sum(-1).transpose(1, 2).unsqueeze(-1).abs()
-    ds = probs * (torch.einsum("bqhd,bkhd->bhqk", dout, vx).abs() + delta)
+    delta = (dout.abs() * out.abs()).sum(-1).transpose(1, 2).unsqueeze(-1)
+    ds = probs * (torch.einsum("bqhd,bkhd->bhqk", dout.abs(), vx.abs()) + delta)
     group = case.nheads // case.nheads_k
 
     def grouped(t):  # (b, sk, h, d) -> (b, sk, hk, d), summed over the query heads sharing a kv head
@@ -245,4 +247,5 @@ def term_magnitudes(q, k, v, dout, case: Case, masked_rows: str = "zeros") -> tu
     return (float(torch.einsum("bhqk,bkhd->bqhd", probs, vx.abs()).max()),
             case.scale * float(torch.einsum("bhqk,bkhd->bqhd", ds, kx.abs()).max()),
             case.scale * float(grouped(torch.einsum("bhqk,bqhd->bkhd", ds, q.abs())).max()),
-            float(grouped(torch.einsum("bhqk,bqhd->bkhd", probs, dout.abs())).max()))
+            float(grouped(torch.einsum("bhqk,bqhd->bkhd", probs, dout.abs())).max()),
+            case.scale * float(torch.einsum("bqhd,bkhd->bhqk", q.abs(), kx.abs()).max()))

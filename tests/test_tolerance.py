@@ -6,7 +6,9 @@ import pytest
 
 import torch
 
-from conformance.tolerance import FORWARD_MULTIPLE, bound, compare, ulp
+from conformance.case import Case
+from conformance.inputs import make_inputs
+from conformance.tolerance import FORWARD_MULTIPLE, GRADIENT_MULTIPLE, bound, compare, ulp
 
 
 def test_ulp():
@@ -36,3 +38,47 @@ def test_non_finite_values_never_pass():
     ref_nan = torch.tensor([float("nan"), 0.0], dtype=torch.float64)
     assert not compare("out", torch.zeros(2), ref_nan, 1.0, 1.0, torch.float32, 2.0, 1).passed
     assert compare("out", torch.tensor([float("nan"), 0.0]), ref_nan, 0.0, 1.0, torch.float32, 2.0, 1).passed
+
+
+def _one_ulp(x: torch.Tensor) -> torch.Tensor:
+    return torch.finfo(torch.float32).eps * 2.0 ** torch.floor(torch.log2(x))
+
+
+def test_a_single_key_gradient_off_by_one_rounding_of_its_sums_passes():
+    """dq of one query on one key is exactly zero; a kernel gets it as dP - D, two float32 dot products
+    of the same value. Each one rounding off (of their terms' magnitude, sum|dO||V|): within the bound
+    (xFormers' fp32 dq on the H100 was 2x a bound that took |dP| and |D| for their terms)."""
+    from conformance.expected import expected
+
+    for seed in range(10):
+        case = Case(batch=1, seqlen_q=1, seqlen_k=1, nheads=1, head_dim=36, dtype="fp32", seed=seed)
+        inputs = make_inputs(case, "cpu")
+        exp = expected(case, "cpu", "zeros", True)
+        k, v, do = (t[0, :, 0].double() for t in (inputs.k, inputs.v, inputs.dout))
+        ds = 2 * _one_ulp((do.abs() * v.abs()).sum())  # dP rounded up, D rounded down
+        dq = (ds * k * case.scale).view(1, 1, 1, -1)
+        assert compare("dq", dq, exp.grads[0], exp.grad_torch_errors[0], exp.grad_magnitudes[0], torch.float32,
+                       GRADIENT_MULTIPLE, 1).passed, seed
+
+
+def test_logits_off_by_one_rounding_of_their_terms_pass_and_need_the_logit_term():
+    """Each logit one ulp of scale*sum|q||k| off (a float32 dot product's rounding, in the kernel's own
+    order): within the bound with logits ~50, and outside it without the logit term."""
+    from conformance.expected import expected
+
+    ratios = []
+    for seed in range(10):
+        case = Case(batch=1, seqlen_q=23, seqlen_k=23, nheads=1, head_dim=36, dtype="fp32", magnitude=4, seed=seed)
+        inputs = make_inputs(case, "cpu")
+        exp = expected(case, "cpu", "zeros", False)
+        q, k = inputs.q.double(), inputs.k.double()
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * case.scale
+        terms = torch.einsum("bqhd,bkhd->bhqk", q.abs(), k.abs()) * case.scale
+        sign = torch.randint(0, 2, scores.shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        probs = torch.softmax(scores + sign * _one_ulp(terms), dim=-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, inputs.v.double())
+        args = ("out", out, exp.out, exp.out_torch_error, exp.out_magnitude, torch.float32, FORWARD_MULTIPLE, 23)
+        with_term = compare(*args, exp.logit_magnitude)
+        assert with_term.passed, seed
+        ratios.append(compare(*args).error / compare(*args).bound)
+    assert max(ratios) > 1  # the term is needed

@@ -103,7 +103,7 @@ def output_comparison(backend: Backend, case: Case, device: str, out=None, diagn
 
 def _compare(out, exp, case: Case) -> Comparison:
     return compare("out", out, exp.out, exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
-                   FORWARD_MULTIPLE, max(case.seqlen_q, case.seqlen_k))
+                   FORWARD_MULTIPLE, max(case.seqlen_q, case.seqlen_k), exp.logit_magnitude)
 
 
 def _second_opinion(backend: Backend, case: Case, device: str, exp, first: Comparison):

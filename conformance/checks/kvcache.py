@@ -75,7 +75,7 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
                            backend.capabilities.masked_rows, False, backend.capabilities.accumulation)
         verdict.add("kvcache-reference", compare(f"batch item {b} ({n} cached + {sq} new)", out[b: b + 1], exp.out,
                                                  exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
-                                                 FORWARD_MULTIPLE, n + sq))
+                                                 FORWARD_MULTIPLE, n + sq, exp.logit_magnitude))
     return verdict
 
 

@@ -203,7 +203,8 @@ def check_timed(timed: dict, backends: dict[str, Backend], case: Case, mode: str
                 n = max(block.sub.seqlen_q, block.sub.seqlen_k)
                 what = f"{mode} timed call {i} of {label} {backend.name}, rows {block.start}-{block.start + block.rows - 1}"
                 verdict.add("timed-output", compare(f"{what}: output", out, exp.out, exp.out_torch_error,
-                                                    exp.out_magnitude, case.torch_dtype, FORWARD_MULTIPLE, n))
+                                                    exp.out_magnitude, case.torch_dtype, FORWARD_MULTIPLE, n,
+                                                    exp.logit_magnitude))
                 if dq is not None:
                     verdict.add("timed-output", compare(f"{what}: dq", dq, exp.grads[0], exp.grad_torch_errors[0],
                                                         exp.grad_magnitudes[0], case.torch_dtype, GRADIENT_MULTIPLE, n))
