@@ -47,6 +47,8 @@ class Capabilities:
     varlen: bool = False
     kvcache: bool = False
     dropout: bool = False
+    attn_bias: bool = False  # an attn_bias tensor: bool keep-mask or additive float, broadcast over batch/heads
+    bias_grad: bool = False  # the gradient reaches a float attn_bias that requires grad
     # For fp16/bf16 inputs, what the kernel accumulates softmax and P·V in: "fp32" as FlashAttention
     # kernels do (the tolerance's yardstick is then a float32 computation from the rounded inputs), or
     # "input" as plain PyTorch in the input dtype (the yardstick is that computation). See tolerance.py.
@@ -160,7 +162,8 @@ class Capabilities:
 
     def summary(self) -> str:
         """One line for --list-backends."""
-        feats = [f for f in ("gqa", "mqa", "backward", *features.BY_NAME, "dropout", "deterministic_backward")
+        feats = [f for f in ("gqa", "mqa", "backward", *features.BY_NAME, "bias_grad", "dropout",
+                             "deterministic_backward")
                  if getattr(self, f)]
         causal = "/".join(self.causal) if self.causal else "none"
         return (f"devices {','.join(sorted(self.devices))}; dtypes {','.join(sorted(self.dtypes))}; "

@@ -42,6 +42,9 @@ class Case:
       of a sequence have the same length; seqlen_q == seqlen_k == the longest).
     cache_seqlens: KV-cache decoding: tokens already in each batch item's cache, whose capacity is
       seqlen_k; the seqlen_q new tokens are appended after them and attend to cache and themselves.
+    attn_bias: an attention mask or additive bias, "<kind>.<pattern>" (features.BIAS_KINDS), passed as
+      one tensor broadcastable to (batch, nheads, seqlen_q, seqlen_k): bool keeps where True, float is
+      added to the scaled scores, as SDPA's attn_mask.
     """
 
     batch: int = 2
@@ -60,6 +63,7 @@ class Case:
     alibi: bool = False
     varlen: tuple[int, ...] | None = None
     cache_seqlens: tuple[int, ...] | None = None
+    attn_bias: str | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -149,6 +153,18 @@ class Case:
             except (KeyError, ValueError):
                 raise ValueError(f"cannot read token {token!r} of case id {case_id!r}") from None
         return cls(**fields)
+
+    @property
+    def bias_kind(self) -> str | None:
+        return None if self.attn_bias is None else self.attn_bias.split(".")[0]
+
+    @property
+    def bias_shape(self) -> tuple[int, int, int, int] | None:
+        """The shape of the attn_bias tensor: (batch or 1, nheads or 1, seqlen_q or 1, seqlen_k or 1)."""
+        if self.attn_bias is None:
+            return None
+        full = (self.batch, self.nheads, self.seqlen_q, self.seqlen_k)
+        return tuple(n if c != "1" else 1 for n, c in zip(full, self.attn_bias.split(".")[1]))
 
     def seeded(self) -> Case:
         """The same case with a seed derived from its other fields (stable across runs and machines)."""

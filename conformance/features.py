@@ -91,12 +91,45 @@ def _draw_cache(draw, fields, max_seqlen):
     fields.update(seqlen_q=sq, seqlen_k=sk, cache_seqlens=cache)
 
 
+def _draw_attn_bias(draw, fields, max_seqlen):
+    from hypothesis import strategies as st
+
+    fields["attn_bias"] = draw(st.sampled_from(BIAS_KINDS)) + "." + "".join(draw(st.sampled_from((c, "1")))
+                                                                            for c in "bhqk")
+
+
 # -- keyword arguments ------------------------------------------------------------------------------
 
 def _alibi_kwargs(case, device) -> dict:
     from conformance.inputs import alibi_slopes
 
     return {"alibi_slopes": alibi_slopes(case.nheads).to(device)}
+
+
+# attn_bias: "<kind>.<pattern>". Kinds: "keep" (a boolean keep-mask, every query keeping a key), "rows" (a
+# boolean keep-mask with fully masked rows), "add" (an additive float bias), "big" (an additive float bias
+# of large magnitude: a per-row offset of 100 to 250 either sign, plus noise). The pattern says which of
+# (batch, heads, seqlen_q, seqlen_k) the tensor spans, a "1" where it broadcasts: "b11k" is a key-padding
+# mask (batch, 1, 1, seqlen_k), "1hqk" a per-head bias (1, nheads, seqlen_q, seqlen_k). The tensor itself
+# is drawn from the case's seed (inputs.attn_bias).
+BIAS_KINDS = ("keep", "rows", "add", "big")
+
+
+def _attn_bias_kwargs(case, device) -> dict:
+    from conformance.inputs import attn_bias
+
+    return {"attn_bias": attn_bias(case, device)}
+
+
+def _attn_bias_problems(case) -> list[str]:
+    kind, _, pattern = case.attn_bias.partition(".")
+    problems = []
+    if kind not in BIAS_KINDS or len(pattern) != 4 or any(c not in (n, "1") for c, n in zip(pattern, "bhqk")):
+        problems.append(f"attn_bias {case.attn_bias!r} is not <kind>.<pattern> with a kind of {BIAS_KINDS} and a "
+                        "pattern of b|1, h|1, q|1, k|1")
+    if case.varlen is not None or case.cache_seqlens is not None:
+        problems.append("attn_bias does not combine with varlen or cache_seqlens")
+    return problems
 
 
 def _varlen_problems(case) -> list[str]:
@@ -127,6 +160,8 @@ FEATURES: tuple[Feature, ...] = (
             kwargs=lambda case, device: {}, draw=_draw_varlen, problems=_varlen_problems, own_call=True),
     Feature("kvcache", "cache_seqlens", None, "cache", encode=_dotted, decode=_lengths,
             kwargs=lambda case, device: {}, draw=_draw_cache, problems=_cache_problems, own_call=True),
+    Feature("attn_bias", "attn_bias", None, "bias", encode=str, decode=str, kwargs=_attn_bias_kwargs,
+            draw=_draw_attn_bias, problems=_attn_bias_problems),
 )
 BY_NAME = {f.name: f for f in FEATURES}
 

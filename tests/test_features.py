@@ -18,6 +18,7 @@ WITH = {  # a case using each feature
     "alibi": Case(alibi=True),
     "varlen": Case(batch=3, seqlen_q=9, seqlen_k=9, varlen=(9, 1, 4)),
     "kvcache": Case(batch=2, seqlen_q=2, seqlen_k=40, cache_seqlens=(0, 37)),
+    "attn_bias": Case(attn_bias="add.1hqk"),
 }
 
 
