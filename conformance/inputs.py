@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,3 +52,37 @@ def make_inputs(case: Case, device: str | torch.device, *, requires_grad: bool =
 def alibi_slopes(nheads: int) -> torch.Tensor:
     """The standard ALiBi slopes 2^(-8 i / n), i = 1..n (Press et al.), as float32 like flash-attn expects."""
     return torch.tensor([2.0 ** (-8.0 * (i + 1) / nheads) for i in range(nheads)], dtype=torch.float32)
+
+
+def attn_bias(case: Case, device: str | torch.device) -> torch.Tensor:
+    """The case's attn_bias tensor (``Case.attn_bias``), drawn on the CPU from its seed: bool for the
+    mask kinds, the case's dtype for the additive ones, shaped ``case.bias_shape`` (contiguous)."""
+    return _attn_bias_cpu(case).to(device).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _attn_bias_cpu(case: Case) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(case.seed * 1000 + 500)
+    shape = case.bias_shape
+    kind, pattern = case.attn_bias.split(".")
+    rows_shape = shape[:-1]
+    if kind in ("keep", "rows"):
+        if pattern[2] == "1" and pattern[3] == "k":  # key padding: each (batch, head) keeps a prefix of keys
+            lengths = torch.randint(1, shape[-1] + 1, rows_shape, generator=gen)
+            keep = torch.arange(shape[-1]) < lengths.unsqueeze(-1)
+        else:
+            keep = torch.rand(shape, generator=gen) < 0.75
+            # every query keeps at least one key
+            keep.scatter_(-1, torch.randint(0, shape[-1], (*rows_shape, 1), generator=gen), True)
+        if kind == "rows":  # about a quarter of the rows (at least one) keep no key at all
+            off = torch.rand(rows_shape, generator=gen) < 0.25
+            off.view(-1)[min(1, off.numel() - 1)] = True
+            keep &= ~off.unsqueeze(-1)
+        return keep
+    noise = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if kind == "add":
+        return (2 * noise).to(case.torch_dtype)
+    # "big": a per-row offset of 100 to 250, either sign, far beyond exp's float32 range (88), plus noise
+    sign = torch.randint(0, 2, (*rows_shape, 1), generator=gen, dtype=torch.float64) * 2 - 1
+    offset = sign * (100 + 150 * torch.rand((*rows_shape, 1), generator=gen, dtype=torch.float64))
+    return (offset + 2 * noise).to(case.torch_dtype)

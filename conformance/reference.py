@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from conformance.case import Case
-from conformance.inputs import alibi_slopes
+from conformance.inputs import alibi_slopes, attn_bias
 
 MASKED_ROW_CONVENTIONS = ("zeros", "mean_v", "nan")
 
@@ -50,13 +50,32 @@ def allowed(case: Case, device=None) -> torch.Tensor | None:
     return (j >= bounds[0].unsqueeze(1)) & (j <= bounds[1].unsqueeze(1))
 
 
+def keep_mask(case: Case, device=None) -> torch.Tensor | None:
+    """The case's boolean attn_bias (bias_shape, True = may attend); None for none or a float bias."""
+    if case.attn_bias is None or case.bias_kind not in ("keep", "rows"):
+        return None
+    return attn_bias(case, device)
+
+
 def fully_masked_rows(case: Case, device=None) -> torch.Tensor | None:
-    """(seqlen_q,) bool: queries that may attend to no key at all; None when there are none."""
+    """Queries that may attend to no key at all; None when there are none. (seqlen_q,) bool from the
+    causal mask and window alone; with a boolean attn_bias, (batch or 1, nheads or 1, seqlen_q)."""
+    keep = keep_mask(case, device)
+    if keep is not None:
+        ok = allowed(case, device)
+        full = keep.expand(*keep.shape[:2], case.seqlen_q, case.seqlen_k)
+        rows = ~(full if ok is None else full & ok).any(-1)
+        return rows if bool(rows.any()) else None
     bounds = key_range(case, device)
     if bounds is None:
         return None
     rows = bounds[0] > bounds[1]
     return rows if bool(rows.any()) else None
+
+
+def _rows_bqh1(empty: torch.Tensor) -> torch.Tensor:
+    """fully_masked_rows' result laid out to broadcast over (batch, seqlen_q, heads, head_dim)."""
+    return empty.view(1, -1, 1, 1) if empty.dim() == 1 else empty.transpose(1, 2).unsqueeze(-1)
 
 
 def alibi_bias(case: Case, device=None, dtype=torch.float64) -> torch.Tensor:
@@ -105,9 +124,11 @@ def _weighted_sum(probs, v, order, r=_keep):
     return pv(probs, v)
 
 
-def _masked_scores(q, k, case: Case, order: str, r=_keep):
+def _masked_scores(q, k, case: Case, order: str, r=_keep, bias=None):
     """Scores (batch, heads, seqlen_q, seqlen_k) for expanded k, -inf where masked; also
-    tanh(scores / softcap) for the softcap's derivative (None without softcap)."""
+    tanh(scores / softcap) for the softcap's derivative (None without softcap). ``bias``: the case's
+    attn_bias tensor (drawn from the case when None), added to the scaled (capped, ALiBi-biased)
+    scores when float, masking where False when bool."""
     scores = _scores(q, k, case.scale, order, r)
     capped = None
     if case.softcap:
@@ -115,6 +136,13 @@ def _masked_scores(q, k, case: Case, order: str, r=_keep):
         scores = r(case.softcap * capped)
     if case.alibi:
         scores = r(scores + alibi_bias(case, q.device, q.dtype))
+    if case.attn_bias is not None:
+        if bias is None:
+            bias = attn_bias(case, q.device)
+        if bias.dtype == torch.bool:
+            scores = scores.masked_fill(~bias, float("-inf"))
+        else:
+            scores = r(scores + bias.to(q.dtype))
     ok = allowed(case, q.device)
     if ok is not None:
         scores = scores.masked_fill(~ok, float("-inf"))
@@ -155,7 +183,7 @@ def _rounders(dtype, precision: str):
 
 def _zero_masked_rows(probs, case: Case):
     empty = fully_masked_rows(case, probs.device)
-    return probs if empty is None else probs.masked_fill(empty.view(-1, 1), 0.0)
+    return probs if empty is None else probs.masked_fill(empty.unsqueeze(-1), 0.0)
 
 
 def _expand(k, v, case: Case):
@@ -170,15 +198,16 @@ def _fill_masked_rows(out, v, case: Case, masked_rows: str):
         return out
     fill = v.mean(dim=1, keepdim=True).expand_as(out) if masked_rows == "mean_v" else torch.full_like(
         out, float("nan"))
-    return torch.where(empty.view(1, -1, 1, 1), fill, out)
+    return torch.where(_rows_bqh1(empty), fill, out)
 
 
 def attention(q, k, v, case: Case, *, upcast: bool = True, masked_rows: str = "zeros",
-              order: str = "scale_q", precision: str = "input") -> torch.Tensor:
+              order: str = "scale_q", precision: str = "input", bias=None) -> torch.Tensor:
     """Attention over (batch, seqlen, heads, head_dim) inputs; returns (batch, seqlen_q, nheads, head_dim).
 
     masked_rows says what a query that may attend to no key returns: "zeros" (flash-attn), "mean_v"
     (a finite fill such as masked_fill(-1e9) makes the row uniform) or "nan" (softmax of all -inf).
+    bias: the case's attn_bias tensor, to differentiate through it (drawn from the case when None).
     """
     if masked_rows not in MASKED_ROW_CONVENTIONS:
         raise ValueError(f"masked_rows must be one of {MASKED_ROW_CONVENTIONS}")
@@ -186,17 +215,20 @@ def attention(q, k, v, case: Case, *, upcast: bool = True, masked_rows: str = "z
     compute, r, rt = _rounders(dtype, precision)
     q, k, v = (t.to(compute) for t in (q, k, v))
     k, v = _expand(k, v, case)
-    scores, _ = _masked_scores(q, k, case, order, r)
+    if bias is not None and bias.is_floating_point():
+        bias = r(bias.to(compute))
+    scores, _ = _masked_scores(q, k, case, order, r, bias)
     probs = rt(_zero_masked_rows(_softmax(scores, order, r), case))
     return _fill_masked_rows(_weighted_sum(probs, v, order, r), v, case, masked_rows).to(dtype)
 
 
 def flash_backward(q, k, v, dout, case: Case, *, masked_rows: str = "zeros", order: str = "scale_q",
-                   precision: str = "input"):
+                   precision: str = "input", with_dbias: bool = False):
     """dq, dk, dv in the inputs' dtype by FlashAttention's backward formulas: P recomputed as
     exp(S - LSE) from the row's log-sum-exp, and dS = P * (dP - D) with D = rowsum(dO * O) taken from
     the output, where autograd uses softmax(S) and rowsum(P * dP). Equal in exact arithmetic, they
-    round differently (exp(S - LSE) loses ulp(LSE) when logits are large): both are valid orders."""
+    round differently (exp(S - LSE) loses ulp(LSE) when logits are large): both are valid orders.
+    ``with_dbias``: also the gradient of a float attn_bias (dS summed over its broadcast dimensions)."""
     dtype = q.dtype
     compute, r, rt = _rounders(dtype, precision)
     q, k, v, dout = (t.to(compute) for t in (q, k, v, dout))
@@ -208,6 +240,9 @@ def flash_backward(q, k, v, dout, case: Case, *, masked_rows: str = "zeros", ord
     delta = r((dout * out).sum(-1).transpose(1, 2).unsqueeze(-1))  # (b, h, sq, 1)
     dp = r(torch.einsum("bqhd,bkhd->bhqk", dout, vx))
     ds = r(probs * r(dp - delta))
+    dbias = None
+    if with_dbias:
+        dbias = r(ds.sum(dim=[i for i, n in enumerate(case.bias_shape) if n == 1], keepdim=True))
     if capped is not None:
         ds = r(ds * r(1 - capped * capped))
     ds, pt = rt(ds), rt(probs)
@@ -216,10 +251,11 @@ def flash_backward(q, k, v, dout, case: Case, *, masked_rows: str = "zeros", ord
     dvx = r(torch.einsum("bhqk,bqhd->bkhd", pt, dout))
     empty = fully_masked_rows(case, q.device)
     if empty is not None and masked_rows == "mean_v":  # those rows are mean(V): each key gets dO / seqlen_k
-        dvx = dvx + dout[:, empty].sum(dim=1, keepdim=True) / case.seqlen_k
+        dvx = dvx + (dout * _rows_bqh1(empty)).sum(dim=1, keepdim=True) / case.seqlen_k
     group = case.nheads // case.nheads_k
     dk, dv = (t.reshape(b, case.seqlen_k, case.nheads_k, group, d).sum(3) for t in (dkx, dvx))
-    return tuple(t.to(dtype) for t in (dq, dk, dv))
+    grads = tuple(t.to(dtype) for t in (dq, dk, dv))
+    return (*grads, dbias.to(dtype)) if with_dbias else grads
 
 
 def term_magnitudes(q, k, v, dout, case: Case, masked_rows: str = "zeros") -> tuple[float, float, float, float, float]:
@@ -235,7 +271,7 @@ def term_magnitudes(q, k, v, dout, case: Case, masked_rows: str = "zeros") -> tu
     probs = _zero_masked_rows(torch.softmax(scores, dim=-1), case)
     empty = fully_masked_rows(case, q.device)
     if empty is not None and masked_rows == "mean_v":
-        probs = torch.where(empty.view(-1, 1), 1.0 / case.seqlen_k, probs)
+        probs = torch.where(empty.unsqueeze(-1), 1.0 / case.seqlen_k, probs)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vx)
     delta = (dout.abs() * out.abs()).sum(-1).transpose(1, 2).unsqueeze(-1)
     ds = probs * (torch.einsum("bqhd,bkhd->bhqk", dout.abs(), vx.abs()) + delta)

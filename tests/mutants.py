@@ -368,3 +368,70 @@ DIAGNOSIS_MUTANTS = [
     Mutant(Backend(name="zeros-masked-rows", fn=tiled.attention, capabilities=_tiled_caps(masked_rows="mean_v")),
            "causal", "causal-reference"),
 ]
+
+
+# -- attn_bias (conformance/checks/attn_bias.py) -----------------------------------------------------
+
+def bias_wrong_broadcast(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right",
+                         attn_bias=None):
+    """A per-batch mask or bias (batch, 1, ...) broadcast over the wrong dimension: head h gets the one
+    of batch item h % batch, the same for every batch item."""
+    if attn_bias is not None and attn_bias.shape[0] > 1 and attn_bias.shape[1] == 1:
+        heads = torch.arange(q.shape[2], device=q.device) % attn_bias.shape[0]
+        attn_bias = attn_bias[:, 0][heads].unsqueeze(0)
+    return naive.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, causal_alignment=causal_alignment,
+                           attn_bias=attn_bias)
+
+
+def bias_before_scale(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right",
+                      attn_bias=None):
+    """Adds a float bias to the raw scores, then scales: (q.k + bias) * scale instead of q.k * scale + bias."""
+    if attn_bias is not None and attn_bias.is_floating_point():
+        attn_bias = attn_bias * _scale(q, softmax_scale)
+    return naive.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, causal_alignment=causal_alignment,
+                           attn_bias=attn_bias)
+
+
+def bool_mask_added(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right",
+                    attn_bias=None):
+    """Treats every attn_bias as additive: a boolean keep-mask adds 1 where it keeps and 0 where it masks."""
+    if attn_bias is not None and attn_bias.dtype == torch.bool:
+        attn_bias = attn_bias.to(q.dtype)
+    return naive.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, causal_alignment=causal_alignment,
+                           attn_bias=attn_bias)
+
+
+def bias_after_max(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right",
+                   attn_bias=None):
+    """Takes the softmax's max over the scaled scores before adding the bias: exp(s + bias - max(s))
+    overflows (or underflows to 0/0) for a bias far beyond exp's range."""
+    if attn_bias is None or attn_bias.dtype == torch.bool:
+        return naive.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, causal_alignment=causal_alignment,
+                               attn_bias=attn_bias)
+    dtype = q.dtype
+    qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))
+    group = qh.shape[1] // kh.shape[1]
+    kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+    s = torch.matmul(qh, kh.transpose(-2, -1)) * _scale(q, softmax_scale)
+    if causal:
+        sq, sk = s.shape[-2:]
+        offset = sk - sq if causal_alignment == "bottom_right" else 0
+        s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(offset), -math.inf)
+    e = torch.exp(s + attn_bias.float() - s.amax(dim=-1, keepdim=True))
+    return torch.matmul(e / e.sum(dim=-1, keepdim=True), vh).transpose(1, 2).to(dtype)
+
+
+def bias_detached(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right",
+                  attn_bias=None):
+    """Declares bias_grad but treats the bias as a constant: no gradient reaches it."""
+    return naive.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, causal_alignment=causal_alignment,
+                           attn_bias=None if attn_bias is None else attn_bias.detach())
+
+
+MUTANTS += [
+    _mutant(bias_wrong_broadcast, "attn_bias", "attn-bias-reference", _naive_caps()),
+    _mutant(bias_before_scale, "attn_bias", "attn-bias-reference", _naive_caps()),
+    _mutant(bool_mask_added, "attn_bias", "attn-bias-reference", _naive_caps()),
+    _mutant(bias_after_max, "attn_bias", "attn-bias-reference", _naive_caps(bias_grad=False)),
+    _mutant(bias_detached, "attn_bias", "dbias", _naive_caps()),
+]

@@ -2,7 +2,9 @@
 
 It materialises the (seqlen_q, seqlen_k) score and weight matrices: quadratic memory. Masked scores
 are filled with -1e9 as the notes do (clipped to the dtype's range, since float16 cannot hold -1e9),
-so a query that may attend to no key gets uniform weights: the mean of V, not zeros.
+so a query that may attend to no key gets uniform weights: the mean of V, not zeros. ``attn_bias`` is
+SDPA's attn_mask: a bool keep-mask (filled like the causal mask) or a float bias added to the scaled
+scores, broadcast to (batch, heads, seqlen_q, seqlen_k); plain autograd differentiates through it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from conformance.backend import Backend
 from conformance.capabilities import Capabilities
 
 
-def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right",
+              attn_bias=None):
     if dropout_p:
         raise ValueError("naive attention has no dropout")
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seqlen, head_dim)
@@ -23,11 +26,16 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_a
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    fill = max(-1e9, torch.finfo(scores.dtype).min)
+    if attn_bias is not None and attn_bias.dtype != torch.bool:
+        scores = scores + attn_bias
     if causal:
         sq, sk = scores.shape[-2:]
         offset = sk - sq if causal_alignment == "bottom_right" else 0
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(offset)
-        scores = scores.masked_fill(mask == 0, max(-1e9, torch.finfo(scores.dtype).min))
+        scores = scores.masked_fill(mask == 0, fill)
+    if attn_bias is not None and attn_bias.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_bias, fill)
     weights = torch.softmax(scores, dim=-1)
     return torch.matmul(weights, v).transpose(1, 2)
 
@@ -37,6 +45,6 @@ BACKEND = Backend(
     fn=attention,
     capabilities=Capabilities(causal=("bottom_right", "top_left"), masked_rows="mean_v", head_dim_max=1024,
                               accumulation="input",
-                              memory="quadratic"),
+                              memory="quadratic", attn_bias=True, bias_grad=True),
     description="textbook attention of the lab notes, plain PyTorch",
 )

@@ -10,6 +10,7 @@ from conformance.capabilities import Capabilities
 BACKEND = Backend(
     name="sdpa-math",
     fn=pinned(SDPBackend.MATH),
-    capabilities=Capabilities(causal=("top_left", "bottom_right"), head_dim_max=1024, memory="quadratic"),
+    capabilities=Capabilities(causal=("top_left", "bottom_right"), head_dim_max=1024, memory="quadratic",
+                              attn_bias=True, bias_grad=True),
     description="torch SDPA pinned to SDPBackend.MATH",
 )

@@ -48,6 +48,11 @@ def test_kvcache(attn_backend, attn_case, attn_check):
     attn_check(attn_backend, attn_case)
 
 
+@pytest.mark.attention_check("attn_bias")
+def test_attn_bias(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)
+
+
 @pytest.mark.attention_check("determinism")
 def test_determinism(attn_backend, attn_case, attn_check):
     attn_check(attn_backend, attn_case)
