@@ -194,23 +194,27 @@ class _RemoteFn:
 
     def __call__(self, *args, **kwargs):
         grad = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-        if torch.is_grad_enabled() and any(grad):
-            return _Differentiable.apply(self, kwargs, grad, *args)
+        # keyword tensors that require grad (a float attn_bias): their gradients come back too
+        kw_grad = tuple(name for name, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad)
+        if torch.is_grad_enabled() and (any(grad) or kw_grad):
+            return _Differentiable.apply(self, kwargs, grad, kw_grad, *args, *(kwargs[n] for n in kw_grad))
         return self.send(args, kwargs, None)[0]
 
-    def send(self, args, kwargs, grad):
+    def send(self, args, kwargs, grad, kw_grad=()):
         shared = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
         return self.client.request("call", (self.spec, self.which, tuple(shared(a) for a in args),
-                                            {k: shared(v) for k, v in kwargs.items()}, grad), like=args[0])
+                                            {k: shared(v) for k, v in kwargs.items()}, grad, kw_grad),
+                                   like=args[0])
 
 
 class _Differentiable(torch.autograd.Function):
-    """The kernel's forward and backward, each a request; the graph stays in the kernel's process."""
+    """The kernel's forward and backward, each a request; the graph stays in the kernel's process.
+    ``tensors``: the positional arguments, then the keyword tensors named in ``kw_grad``."""
 
     @staticmethod
-    def forward(ctx, remote, kwargs, grad, *args):
-        out, handle = remote.send(args, kwargs, grad)
-        ctx.remote, ctx.handle, ctx.grad = remote, handle, grad
+    def forward(ctx, remote, kwargs, grad, kw_grad, *tensors):
+        out, handle = remote.send(tensors[:len(grad)], kwargs, grad, kw_grad)
+        ctx.remote, ctx.handle, ctx.grad, ctx.kw_grad = remote, handle, grad, kw_grad
         if handle is None:  # the kernel's output has no graph: so has ours
             ctx.mark_non_differentiable(out)
         return out
@@ -218,8 +222,8 @@ class _Differentiable(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         grads = iter(ctx.remote.client.request("backward", (ctx.handle, dout.detach())))
-        back = tuple((next(grads) if g else None) for g in ctx.grad)
-        return (None, None, None, *back)
+        back = tuple((next(grads) if g else None) for g in (*ctx.grad, *(True for _ in ctx.kw_grad)))
+        return (None, None, None, None, *back)
 
 
 class _ReplyUnpickler(pickle.Unpickler):

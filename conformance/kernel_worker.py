@@ -140,7 +140,7 @@ class _Worker:
                 described[spec] = {"error": f"failed to load: {type(exc).__name__}: {exc}"}
         return described
 
-    def call(self, spec: str, which: str, args: tuple, kwargs: dict, grad: tuple | None):
+    def call(self, spec: str, which: str, args: tuple, kwargs: dict, grad: tuple | None, kw_grad: tuple = ()):
         import torch
 
         from conformance.backend import invoke
@@ -148,9 +148,10 @@ class _Worker:
         backend = self.backend(spec)
         fn = getattr(backend, which)
         leaves = ()
-        if grad is not None:  # the judge wants gradients of these positional tensors
+        if grad is not None:  # the judge wants gradients of these positional tensors (and keyword ones)
             args = tuple(t.detach().requires_grad_(True) if g else t for t, g in zip(args, grad))
-            leaves = tuple(t for t, g in zip(args, grad) if g)
+            kwargs = {k: (v.detach().requires_grad_(True) if k in kw_grad else v) for k, v in kwargs.items()}
+            leaves = tuple(t for t, g in zip(args, grad) if g) + tuple(kwargs[k] for k in kw_grad)
         with torch.enable_grad() if grad is not None else torch.no_grad():
             out = invoke(backend, fn, *args, **kwargs)
         if isinstance(out, (tuple, list)) and out:

@@ -435,3 +435,20 @@ MUTANTS += [
     _mutant(bias_after_max, "attn_bias", "attn-bias-reference", _naive_caps(bias_grad=False)),
     _mutant(bias_detached, "attn_bias", "dbias", _naive_caps()),
 ]
+
+
+def _declares_attn_bias_only_if_it_takes_it(m: Mutant) -> Mutant:
+    """The mutants above wrap naive or tiled, whose declarations now include attn_bias; one whose own
+    signature takes no attn_bias (nor passes **kwargs on) does not declare it."""
+    import inspect
+
+    params = inspect.signature(m.backend.fn).parameters.values()
+    if any(p.name == "attn_bias" or p.kind is p.VAR_KEYWORD for p in params):
+        return m
+    caps = dataclasses.replace(m.backend.capabilities, attn_bias=False, bias_grad=False)
+    return dataclasses.replace(m, backend=dataclasses.replace(m.backend, capabilities=caps))
+
+
+MUTANTS = [_declares_attn_bias_only_if_it_takes_it(m) for m in MUTANTS]
+DIAGNOSIS_MUTANTS = [_declares_attn_bias_only_if_it_takes_it(m) for m in DIAGNOSIS_MUTANTS]
+PRECISION_MUTANTS = [_declares_attn_bias_only_if_it_takes_it(m) for m in PRECISION_MUTANTS]

@@ -44,6 +44,7 @@ ALSO = {
     "window-off-by-one": ("some query rows wrong",),  # the rows whose window reaches past the left edge
     "alibi-slope-sign": ("some query rows wrong",),  # the rows whose bias is 0 (one key) are right
     "scale-inverted": ("some query rows wrong",),  # a top-left causal row 0 sees one key: right
+    "bool-mask-added": ("some query rows wrong",),  # the rows the causal mask leaves no key are right
 }
 ALL = MUTANTS + DIAGNOSIS_MUTANTS
 

@@ -35,15 +35,9 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)  # fused: never holds the dense mask (PyTorch's advice)
 
 
-@functools.lru_cache(maxsize=64)
-def _block_mask(causal: bool, alignment: str, window_size: tuple, sq: int, sk: int, device: torch.device):
-    """Built once per mask and shape, as a model builds it once per batch, not on every call: building it
-    costs milliseconds (measured on an H100: it tripled the timed causal forward at 4096 tokens). On CUDA
-    the building of large masks is compiled: built eagerly it materialises the whole seqlen_q x seqlen_k
-    mask (the memory check measured 40 GB at 65536 tokens, quadratic growth, on an H100); small ones are
-    built eagerly, since compiling costs 3 to 7 s per new shape."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def _mask_mod(causal: bool, alignment: str, window_size: tuple, sq: int, sk: int, device: torch.device, keep=None):
+    """The mask_mod of causal/window arguments in flash-attn's sense, and-ed with a boolean attn_bias
+    expanded to (batch, heads, seqlen_q, seqlen_k) (``keep``); None when nothing is masked."""
     offset = torch.tensor(sk - sq if alignment == "bottom_right" else 0, device=device)
     left, right = (torch.tensor(w, device=device) for w in window_size)
     windowed = window_size[0] >= 0 or window_size[1] >= 0
@@ -53,9 +47,24 @@ def _block_mask(causal: bool, alignment: str, window_size: tuple, sq: int, sk: i
         ok = (ki <= diag) if causal else (ki >= 0)
         if windowed:
             ok = ok & ((left < 0) | (ki >= diag - left)) & ((right < 0) | (ki <= diag + right))
+        if keep is not None:
+            ok = ok & keep[b, h, qi, ki]
         return ok
 
-    if not (causal or windowed):
+    return mask_mod if causal or windowed or keep is not None else None
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(causal: bool, alignment: str, window_size: tuple, sq: int, sk: int, device: torch.device):
+    """Built once per mask and shape, as a model builds it once per batch, not on every call: building it
+    costs milliseconds (measured on an H100: it tripled the timed causal forward at 4096 tokens). On CUDA
+    the building of large masks is compiled: built eagerly it materialises the whole seqlen_q x seqlen_k
+    mask (the memory check measured 40 GB at 65536 tokens, quadratic growth, on an H100); small ones are
+    built eagerly, since compiling costs 3 to 7 s per new shape."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask_mod = _mask_mod(causal, alignment, window_size, sq, sk, device)
+    if mask_mod is None:
         return None
     large = sq * sk >= COMPILED_MASK_FROM
     build = _compiled_create_block_mask() if device.type == "cuda" and large else create_block_mask
@@ -63,14 +72,29 @@ def _block_mask(causal: bool, alignment: str, window_size: tuple, sq: int, sk: i
 
 
 def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-              alibi_slopes=None, causal_alignment="bottom_right", flex=None):
-    """flash-attn's convention; ``flex`` replaces the compiled flex_attention (tests pass the eager one)."""
+              alibi_slopes=None, causal_alignment="bottom_right", flex=None, attn_bias=None):
+    """flash-attn's convention; ``flex`` replaces the compiled flex_attention (tests pass the eager one).
+    ``attn_bias``: a bool keep-mask joins the mask_mod (its block mask built on every call, since the
+    tensor changes); a float bias is added in the score_mod, read at [b, h, q, k] of its expanded view
+    (a captured tensor: its gradient is flex's to compute)."""
     if dropout_p:
         raise ValueError("flex attention has no dropout")
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    sq, sk, device = q.shape[-2], k.shape[-2], q.device
-    block_mask = _block_mask(bool(causal), causal_alignment, tuple(int(w) for w in window_size), sq, sk, device)
+    (batch, nheads, sq), sk, device = q.shape[:3], k.shape[-2], q.device
+    window = tuple(int(w) for w in window_size)
+    keep = added = None
+    if attn_bias is not None:
+        full = attn_bias.reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape)).expand(batch, nheads, sq, sk)
+        keep, added = (full, None) if attn_bias.dtype == torch.bool else (None, full)
+    if keep is not None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        block_mask = create_block_mask(_mask_mod(bool(causal), causal_alignment, window, sq, sk, device, keep),
+                                       batch, nheads, sq, sk, device=device)
+    else:
+        block_mask = _block_mask(bool(causal), causal_alignment, window, sq, sk, device)
     capped, biased = bool(softcap), alibi_slopes is not None  # booleans: the compiled graph's guards see only these
+    has_bias = added is not None
     cap = torch.tensor(float(softcap), device=device)
     slopes = alibi_slopes.to(device=device, dtype=torch.float32) if biased else None
     alibi_offset = torch.tensor(sk - sq, device=device)
@@ -80,9 +104,12 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_s
             score = cap * torch.tanh(score / cap)
         if biased:  # bottom-right aligned distances, as flash-attn defines ALiBi
             score = score - slopes[h] * (qi + alibi_offset - ki).abs()
+        if has_bias:
+            score = score + added[b, h, qi, ki]
         return score
 
-    out = (flex or _flex())(q, k, v, score_mod=score_mod if capped or biased else None, block_mask=block_mask,
+    out = (flex or _flex())(q, k, v, score_mod=score_mod if capped or biased or has_bias else None,
+                            block_mask=block_mask,
                             scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2)
 
@@ -92,7 +119,7 @@ BACKEND = Backend(
     fn=attention,
     capabilities=Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"fp16", "bf16", "fp32"}), head_dim_min=16,
                               head_dim_max=256, causal=("bottom_right", "top_left"), memory="linear", window=True,
-                              softcap=True, alibi=True),
+                              softcap=True, alibi=True, attn_bias=True, bias_grad=True),
     description="torch.nn.attention.flex_attention, compiled; masks as block masks",
     unavailable_reasons=lambda: cuda_reasons(None, "compiled flex attention") or import_reasons("triton"),
 )

@@ -47,9 +47,17 @@ class _Mask:
         return ok
 
 
-def _scores(qb, kb, scale, softcap, alibi, r0, c0, alibi_offset, mask):
-    """Scaled (and optionally soft-capped, ALiBi-biased, masked) scores of one block; also tanh for
-    the softcap's derivative."""
+def _bias_block(bias, r0, r1, c0, c1):
+    """The attn_bias entries of one block (None without a bias); broadcast dimensions stay 1."""
+    if bias is None:
+        return None
+    return bias[..., slice(r0, r1) if bias.shape[-2] > 1 else slice(None),
+                slice(c0, c1) if bias.shape[-1] > 1 else slice(None)]
+
+
+def _scores(qb, kb, scale, softcap, alibi, r0, c0, alibi_offset, mask, bias=None):
+    """Scaled (and optionally soft-capped, ALiBi-biased, attn_bias-ed, masked) scores of one block; also
+    tanh for the softcap's derivative."""
     s = torch.matmul(qb, kb.transpose(-2, -1)) * scale
     t = None
     if softcap:
@@ -60,6 +68,8 @@ def _scores(qb, kb, scale, softcap, alibi, r0, c0, alibi_offset, mask):
         j = torch.arange(c0, c0 + s.shape[-1], device=s.device).unsqueeze(0)
         # ALiBi distances are bottom-right aligned whatever the causal alignment, as in flash-attn.
         s = s - alibi.view(1, -1, 1, 1) * (i + alibi_offset - j).abs()
+    if bias is not None:
+        s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return s, t
@@ -67,7 +77,7 @@ def _scores(qb, kb, scale, softcap, alibi, r0, c0, alibi_offset, mask):
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, mask, softcap, alibi, block_q, block_k):
+    def forward(ctx, q, k, v, bias, scale, mask, softcap, alibi, block_q, block_k):
         # q: (B, H, Sq, D); k, v: (B, H, Sk, D), already in the accumulation dtype.
         sq, sk = q.shape[-2], k.shape[-2]
         out = torch.empty_like(q)
@@ -83,7 +93,8 @@ class _TiledAttention(torch.autograd.Function):
                 blk_mask = mask.block(r0, r1, c0, c1)
                 if blk_mask is False:
                     continue
-                s, _ = _scores(qb, k[..., c0:c1, :], scale, softcap, alibi, r0, c0, sk - sq, blk_mask)
+                s, _ = _scores(qb, k[..., c0:c1, :], scale, softcap, alibi, r0, c0, sk - sq, blk_mask,
+                               _bias_block(bias, r0, r1, c0, c1))
                 m_new = torch.maximum(m, s.amax(dim=-1))
                 m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows seeing nothing yet
                 p = torch.exp(s - m_safe.unsqueeze(-1))
@@ -94,13 +105,14 @@ class _TiledAttention(torch.autograd.Function):
             seen = l > 0  # a query that may attend to no key returns zeros, as flash-attn does
             out[..., r0:r1, :] = torch.where(seen.unsqueeze(-1), acc / l.clamp_min(1e-30).unsqueeze(-1), 0.0)
             lse[..., r0:r1] = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), float("inf"))
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
         ctx.args = (scale, mask, softcap, alibi, block_q, block_k)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        dbias = torch.zeros_like(bias) if ctx.needs_input_grad[3] else None
         scale, mask, softcap, alibi, block_q, block_k = ctx.args
         dout = dout.to(q.dtype)
         sq, sk = q.shape[-2], k.shape[-2]
@@ -115,22 +127,29 @@ class _TiledAttention(torch.autograd.Function):
                 if blk_mask is False:
                     continue
                 qb, dob = q[..., r0:r1, :], dout[..., r0:r1, :]
-                s, t = _scores(qb, kb, scale, softcap, alibi, r0, c0, sk - sq, blk_mask)
+                s, t = _scores(qb, kb, scale, softcap, alibi, r0, c0, sk - sq, blk_mask,
+                               _bias_block(bias, r0, r1, c0, c1))
                 p = torch.exp(s - lse[..., r0:r1].unsqueeze(-1))  # recomputed from the saved log-sum-exp
                 dv[..., c0:c1, :] += torch.matmul(p.transpose(-2, -1), dob)
                 dp = torch.matmul(dob, vb.transpose(-2, -1))
                 ds = p * (dp - delta[..., r0:r1].unsqueeze(-1))
+                if dbias is not None:  # the bias is added after the cap: its gradient is dS itself
+                    dims = [i for i in range(4) if bias.shape[i] == 1 and ds.shape[i] > 1]
+                    _bias_block(dbias, r0, r1, c0, c1).add_(ds.sum(dim=dims, keepdim=True) if dims else ds)
                 if softcap:
                     ds = ds * (1 - t * t)
                 dq[..., r0:r1, :] += torch.matmul(ds, kb) * scale
                 dk[..., c0:c1, :] += torch.matmul(ds.transpose(-2, -1), qb) * scale
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None, None
 
 
 def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-              alibi_slopes=None, deterministic=False, causal_alignment="bottom_right", block_q=64, block_k=64):
+              alibi_slopes=None, deterministic=False, causal_alignment="bottom_right", block_q=64, block_k=64,
+              attn_bias=None):
     """flash-attn's calling convention; block_q and block_k set the tile sizes. The backward is always
-    deterministic (a fixed loop order, no atomics), so ``deterministic`` changes nothing."""
+    deterministic (a fixed loop order, no atomics), so ``deterministic`` changes nothing. ``attn_bias``:
+    a bool keep-mask or a float bias added to the scaled scores, broadcastable to (batch, heads,
+    seqlen_q, seqlen_k), read block by block (its gradient too)."""
     if dropout_p:
         raise ValueError("tiled attention has no dropout")
     in_dtype = q.dtype
@@ -142,7 +161,11 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_s
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     mask = _Mask(q.shape[1], k.shape[1], causal, causal_alignment, tuple(window_size), q.device)
     alibi = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=acc)
-    out = _TiledAttention.apply(qh, kh, vh, scale, mask, softcap, alibi, block_q, block_k)
+    bias = attn_bias
+    if bias is not None:
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        bias = bias if bias.dtype == torch.bool else bias.to(acc)
+    out = _TiledAttention.apply(qh, kh, vh, bias, scale, mask, softcap, alibi, block_q, block_k)
     return out.transpose(1, 2).to(in_dtype)
 
 
@@ -183,7 +206,7 @@ BACKEND = Backend(
     fn=attention,
     capabilities=Capabilities(causal=("bottom_right", "top_left"), head_dim_max=1024, memory="linear",
                               window=True, softcap=True, alibi=True, varlen=True, kvcache=True,
-                              deterministic_backward=True),
+                              attn_bias=True, bias_grad=True, deterministic_backward=True),
     description="FlashAttention's algorithm (online softmax, recomputing backward) in plain PyTorch",
     varlen_fn=varlen_attention,
     kvcache_fn=kvcache_attention,

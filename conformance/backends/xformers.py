@@ -1,7 +1,10 @@
 """`xformers`: ``xformers.ops.memory_efficient_attention`` (its dispatcher picks an operator), with its
 attention biases: ``LowerTriangularMask`` (top-left causal), ``LowerTriangularFromBottomRightMask``
 (bottom-right), and ``BlockDiagonalMask`` / ``BlockDiagonalCausalMask`` for packed variable-length
-batches. GQA/MQA go through xFormers' 5-d (batch, seqlen, groups, heads, head_dim) layout.
+batches. GQA/MQA go through xFormers' 5-d (batch, seqlen, groups, heads, head_dim) layout. An
+``attn_bias`` tensor becomes xFormers' tensor bias: additive (a bool mask as 0 / -inf, the causal mask
+folded in as -inf), expanded to (batch, heads, seqlen_q, seqlen_k) in a row-padded buffer (xFormers
+wants its rows 16-byte aligned); its gradient is xFormers' to compute.
 
 Availability asks xFormers itself: a wheel built for another torch imports with a warning and then has
 no usable operator; the reasons are xFormers' own (its load error, and each operator's
@@ -62,11 +65,33 @@ def _efficient(*args, **kwargs):
         raise Unsupported("xFormers has no operator for this case: " + " ".join(reasons)[:1500]) from None
 
 
-def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+def _tensor_bias(attn_bias, q, k, causal, causal_alignment):
+    """The attn_bias as xFormers' additive tensor: (batch, heads, seqlen_q, seqlen_k), or 5-d
+    (batch, kv heads, group, seqlen_q, seqlen_k) for GQA, its rows in a buffer padded to 16 elements."""
+    import torch
+    import torch.nn.functional as F
+
+    b, sq, h, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    bias = attn_bias.reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
+    if bias.dtype == torch.bool:
+        bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill(~bias, float("-inf"))
+    bias = bias.to(q.dtype)
+    if causal:
+        offset = sk - sq if causal_alignment == "bottom_right" else 0
+        bias = bias.masked_fill(~torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(offset), float("-inf"))
+    bias = F.pad(bias.expand(b, h, sq, sk), (0, (-sk) % 16))[..., :sk]
+    return bias if hk == h else bias.unflatten(1, (hk, h // hk))
+
+
+def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right",
+              attn_bias=None):
     from xformers.ops import fmha
 
     bias = None
-    if causal:
+    if attn_bias is not None:
+        bias = _tensor_bias(attn_bias, q, k, causal, causal_alignment)
+    elif causal:
         bias = (fmha.attn_bias.LowerTriangularFromBottomRightMask() if causal_alignment == "bottom_right"
                 else fmha.attn_bias.LowerTriangularMask())
     out = _efficient(*_grouped(q, k, v), attn_bias=bias, p=dropout_p, scale=softmax_scale)
@@ -93,7 +118,7 @@ BACKEND = Backend(
     fn=attention,
     capabilities=Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"fp16", "bf16", "fp32"}),
                               causal=("bottom_right", "top_left"), memory="linear", varlen=True,
-                              **flash.installed_head_dims()),
+                              attn_bias=True, bias_grad=True, **flash.installed_head_dims()),
     description="xformers.ops.memory_efficient_attention with its attention biases",
     unavailable_reasons=unavailable_reasons,
     varlen_fn=varlen_attention,
