@@ -181,11 +181,14 @@ def call_varlen(backend: Backend, q, k, v, cu_seqlens: torch.Tensor, max_seqlen:
 
 
 def call_kvcache(backend: Backend, q, k_cache, v_cache, k_new, v_new, cache_seqlens: torch.Tensor,
-                 case: Case) -> torch.Tensor:
+                 case: Case, block_table: torch.Tensor | None = None) -> torch.Tensor:
     """``flash_attn_with_kvcache(q, k_cache, v_cache, k=..., v=..., cache_seqlens=..., ...)``: the new
-    keys and values are written into the caches at cache_seqlens, then q attends to the filled part."""
+    keys and values are written into the caches at cache_seqlens, then q attends to the filled part.
+    A paged cache (case.page_block) comes with ``block_table=``."""
     kwargs = kwargs_for(backend, case, q.device)
     kwargs.pop("causal_alignment", None)  # decoding is bottom-right aligned by definition
+    if block_table is not None:
+        kwargs["block_table"] = block_table
     out = invoke(backend, backend.kvcache_fn, q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=cache_seqlens,
                  **kwargs)
     return checked_output(backend, out, q)

@@ -15,7 +15,8 @@ from conformance.case import ALIGNMENTS, DTYPES, Case
 from conformance.reference import MASKED_ROW_CONVENTIONS, fully_masked_rows
 
 MEMORY_CLASSES = ("linear", "quadratic", "unknown")
-_COUNTS = ("head_dim_min", "head_dim_max", "head_dim_multiple", "seqlen_multiple")  # whole numbers >= 1
+_COUNTS = ("head_dim_min", "head_dim_max", "head_dim_multiple", "seqlen_multiple",
+           "page_block_multiple")  # whole numbers >= 1
 ACCUMULATIONS = ("fp32", "input")
 
 
@@ -49,6 +50,8 @@ class Capabilities:
     dropout: bool = False
     attn_bias: bool = False  # an attn_bias tensor: bool keep-mask or additive float, broadcast over batch/heads
     bias_grad: bool = False  # the gradient reaches a float attn_bias that requires grad
+    paged_kv: bool = False  # KV-cache decoding from a paged cache (kvcache_fn takes block_table)
+    page_block_multiple: int = 1  # the paged cache's block size must be a multiple of this
     # For fp16/bf16 inputs, what the kernel accumulates softmax and P·V in: "fp32" as FlashAttention
     # kernels do (the tolerance's yardstick is then a float32 computation from the rounded inputs), or
     # "input" as plain PyTorch in the input dtype (the yardstick is that computation). See tolerance.py.
@@ -153,6 +156,8 @@ class Capabilities:
         for feature in features.present(case):
             if not getattr(self, feature.name):
                 reasons.append(f"{feature.name} not supported")
+        if case.page_block is not None and self.paged_kv and case.page_block % self.page_block_multiple:
+            reasons.append(f"paged KV block size {case.page_block} is not a multiple of {self.page_block_multiple}")
         for feature in needs:
             if not getattr(self, feature):
                 reasons.append(f"{feature.replace('_', ' ')} not supported")

@@ -45,6 +45,8 @@ class Case:
     attn_bias: an attention mask or additive bias, "<kind>.<pattern>" (features.BIAS_KINDS), passed as
       one tensor broadcastable to (batch, nheads, seqlen_q, seqlen_k): bool keeps where True, float is
       added to the scaled scores, as SDPA's attn_mask.
+    page_block: with cache_seqlens, a paged KV cache (flash-attn's block_table): the caches are blocks of
+      this many tokens, each batch item's seqlen_k / page_block blocks found through a permuted table.
     """
 
     batch: int = 2
@@ -64,6 +66,7 @@ class Case:
     varlen: tuple[int, ...] | None = None
     cache_seqlens: tuple[int, ...] | None = None
     attn_bias: str | None = None
+    page_block: int | None = None
     seed: int = 0
 
     def __post_init__(self):

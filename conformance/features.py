@@ -89,6 +89,7 @@ def _draw_cache(draw, fields, max_seqlen):
     sk = draw(st.integers(sq, max_seqlen))
     cache = tuple(draw(st.lists(st.integers(0, sk - sq), min_size=fields["batch"], max_size=fields["batch"])))
     fields.update(seqlen_q=sq, seqlen_k=sk, cache_seqlens=cache)
+    _draw_page(draw, fields, max_seqlen)  # the KV-cache check's cases are paged too, where declared
 
 
 def _draw_attn_bias(draw, fields, max_seqlen):
@@ -96,6 +97,17 @@ def _draw_attn_bias(draw, fields, max_seqlen):
 
     fields["attn_bias"] = draw(st.sampled_from(BIAS_KINDS)) + "." + "".join(draw(st.sampled_from((c, "1")))
                                                                             for c in "bhqk")
+
+
+def _draw_page(draw, fields, max_seqlen):
+    """A paged cache, one draw in two, for a KV-cache case (a no-op without cache_seqlens): block sizes of
+    the usual kernels' multiples (16, and flash-attn's 256); the capacity rounded up to a whole block."""
+    from hypothesis import strategies as st
+
+    if fields.get("cache_seqlens") is None or not draw(st.booleans()):
+        return
+    page = draw(st.sampled_from((16, 32, 256)))
+    fields.update(page_block=page, seqlen_k=-(-fields["seqlen_k"] // page) * page)
 
 
 # -- keyword arguments ------------------------------------------------------------------------------
@@ -132,6 +144,12 @@ def _attn_bias_problems(case) -> list[str]:
     return problems
 
 
+def _page_problems(case) -> list[str]:
+    if case.cache_seqlens is None or case.page_block < 1 or case.seqlen_k % case.page_block:
+        return ["page_block needs cache_seqlens and a cache capacity seqlen_k that is a multiple of it"]
+    return []
+
+
 def _varlen_problems(case) -> list[str]:
     lens = case.varlen
     if len(lens) != case.batch or min(lens) < 1 or max(lens) != case.seqlen_q or case.seqlen_q != case.seqlen_k:
@@ -162,6 +180,10 @@ FEATURES: tuple[Feature, ...] = (
             kwargs=lambda case, device: {}, draw=_draw_cache, problems=_cache_problems, own_call=True),
     Feature("attn_bias", "attn_bias", None, "bias", encode=str, decode=str, kwargs=_attn_bias_kwargs,
             draw=_draw_attn_bias, problems=_attn_bias_problems),
+    # a paged KV cache (flash-attn's block_table): a kvcache case's caches as blocks of page_block tokens;
+    # the kvcache check builds the table and passes block_table (capability paged_kv, page_block_multiple)
+    Feature("paged_kv", "page_block", None, "page", encode=str, decode=int, kwargs=lambda case, device: {},
+            draw=_draw_page, problems=_page_problems),
 )
 BY_NAME = {f.name: f for f in FEATURES}
 
