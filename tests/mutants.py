@@ -452,3 +452,37 @@ def _declares_attn_bias_only_if_it_takes_it(m: Mutant) -> Mutant:
 MUTANTS = [_declares_attn_bias_only_if_it_takes_it(m) for m in MUTANTS]
 DIAGNOSIS_MUTANTS = [_declares_attn_bias_only_if_it_takes_it(m) for m in DIAGNOSIS_MUTANTS]
 PRECISION_MUTANTS = [_declares_attn_bias_only_if_it_takes_it(m) for m in PRECISION_MUTANTS]
+
+
+# -- paged KV cache (conformance/checks/kvcache.py) ---------------------------------------------------
+
+def paged_table_in_order(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None, **kwargs):
+    """Reads (and writes) a paged cache's blocks in order, batch item b's block i at b * blocks + i,
+    instead of through the block table."""
+    if block_table is not None:
+        block_table = torch.arange(block_table.numel(), device=block_table.device,
+                                   dtype=block_table.dtype).view_as(block_table)
+    return tiled.kvcache_attention(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
+                                   **kwargs)
+
+
+def paged_tail_past_length(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None, **kwargs):
+    """Writes the new tokens where they belong, then attends to whole blocks: the last, partial block's
+    tail past the cache length (stale entries) is read too."""
+    out = tiled.kvcache_attention(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
+                                  **kwargs)
+    if block_table is None:
+        return out
+    page, new = k_cache.shape[1], k.shape[1]
+    outs = []
+    for b, n in enumerate(cache_seqlens.tolist()):
+        end = -(-(n + new) // page) * page
+        keys, values = (c[block_table[b].long()].flatten(0, 1)[None, :end] for c in (k_cache, v_cache))
+        outs.append(tiled.attention(q[b: b + 1], keys, values, **kwargs))
+    return torch.cat(outs)
+
+
+MUTANTS += [
+    _tiled_variant("paged-table-in-order", "kvcache", "kvcache-reference", kvcache_fn=paged_table_in_order),
+    _tiled_variant("paged-tail-past-length", "kvcache", "kvcache-reference", kvcache_fn=paged_tail_past_length),
+]

@@ -17,6 +17,7 @@ import math
 import torch
 
 from conformance.backend import Backend
+from conformance.backends.kvcache_adapter import kvcache_with
 from conformance.capabilities import Capabilities
 
 
@@ -181,24 +182,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         for i in range(len(bq) - 1)])
 
 
-def kvcache_attention(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None, causal=False,
-                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
-    """flash_attn_with_kvcache's convention: new keys/values are written into the caches (in place) after
-    each item's cache_seqlens tokens; q attends to the filled part, bottom-right aligned."""
-    batch, new = q.shape[0], 0 if k is None else k.shape[1]
-    lengths = [k_cache.shape[1]] * batch if cache_seqlens is None else (
-        [int(cache_seqlens)] * batch if isinstance(cache_seqlens, int) else cache_seqlens.tolist())
-    outs = []
-    for b, n in enumerate(lengths):
-        if new:
-            with torch.no_grad():
-                k_cache[b, n: n + new] = k[b]
-                v_cache[b, n: n + new] = v[b]
-        filled = slice(0, n + new)
-        outs.append(attention(q[b: b + 1], k_cache[b: b + 1, filled], v_cache[b: b + 1, filled],
-                              softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-                              alibi_slopes=alibi_slopes))
-    return torch.cat(outs)
+# flash_attn_with_kvcache's convention: new keys/values written into the caches (in place) after each
+# item's cache_seqlens tokens, contiguous or paged (block_table); q attends to the filled part, bottom-right.
+kvcache_attention = kvcache_with(attention)
 
 
 BACKEND = Backend(
@@ -206,7 +192,7 @@ BACKEND = Backend(
     fn=attention,
     capabilities=Capabilities(causal=("bottom_right", "top_left"), head_dim_max=1024, memory="linear",
                               window=True, softcap=True, alibi=True, varlen=True, kvcache=True,
-                              attn_bias=True, bias_grad=True, deterministic_backward=True),
+                              attn_bias=True, bias_grad=True, paged_kv=True, deterministic_backward=True),
     description="FlashAttention's algorithm (online softmax, recomputing backward) in plain PyTorch",
     varlen_fn=varlen_attention,
     kvcache_fn=kvcache_attention,

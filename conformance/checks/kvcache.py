@@ -1,7 +1,12 @@
 """KV-cache decoding, flash-attn's ``flash_attn_with_kvcache``: a few new tokens (1 or more) are
 written into each batch item's cache after the tokens already there (cache_seqlens, different per item)
 and attend to the filled part, bottom-right causal when causal. The output equals the reference over
-exactly those keys, and the cache holds the new keys and values where they belong, nothing else moved."""
+exactly those keys, and the cache holds the new keys and values where they belong, nothing else moved.
+
+Paged (``page_block``, flash-attn's ``block_table``): the caches are blocks of page_block tokens, each
+item's blocks named in order by a randomly permuted table, two blocks named by no table; cache lengths
+end inside a block and new tokens cross block boundaries. The cache, read back through the table, must
+hold what the contiguous one would; the blocks no table names must not change."""
 
 from __future__ import annotations
 
@@ -36,6 +41,21 @@ def intents() -> list[grid.Intent]:
              pin=("dtype",)) for sq in (1, 16) for dt in ("fp16", "bf16") for c in (None, "bottom_right")),
         *(it(f"cache of 4096, {dt}", b.replace(batch=2, seqlen_q=1, seqlen_k=4096, cache_seqlens=(4000, 2049), dtype=dt,
                                                nheads=8, nheads_k=2), 1, pin=("dtype",)) for dt in ("fp16", "bf16")),
+        # paged: block sizes 16 and 256 (flash-attn's multiple); lengths ending inside a block, new tokens
+        # crossing a boundary, an empty cache, a full one
+        it("paged 16, permuted table, 4 new across a block boundary, causal",
+           b.replace(batch=3, seqlen_q=4, seqlen_k=128, cache_seqlens=(14, 37, 0), page_block=16, causal="bottom_right")),
+        it("paged 256, decode, a cache ending on and one inside a block",
+           b.replace(seqlen_q=1, seqlen_k=512, cache_seqlens=(255, 300), page_block=256)),
+        it("paged 256, 3 new across a boundary, GQA, causal, fp16",
+           b.replace(batch=3, seqlen_q=3, seqlen_k=768, cache_seqlens=(254, 511, 765), page_block=256, nheads=8,
+                     nheads_k=2, causal="bottom_right", dtype="fp16")),
+        it("paged 16, MQA, bf16, empty and full caches",
+           b.replace(seqlen_q=2, seqlen_k=64, cache_seqlens=(0, 62), page_block=16, nheads=8, nheads_k=1, dtype="bf16")),
+        *(it(f"paged 256, cache of 2048, {sq} new, {dt}{', causal' if c else ''}",
+             b.replace(batch=3, seqlen_q=sq, seqlen_k=2048, cache_seqlens=(1000, 1791, 7), page_block=256, dtype=dt,
+                       causal=c), 1, pin=("dtype",)) for sq in (1, 16) for dt in ("fp16", "bf16")
+          for c in (None, "bottom_right")),
         *(it(f"cache of 8192, {sq} new, {dt}, head dim {d}",
              b.replace(batch=2, seqlen_q=sq, seqlen_k=8192, cache_seqlens=(8000, 4097), dtype=dt, head_dim=d,
                        causal="bottom_right"), 2, pin=("dtype",))
@@ -57,8 +77,18 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     k_cache, v_cache = inputs.k.contiguous().clone(), inputs.v.contiguous().clone()
     lengths = torch.tensor(case.cache_seqlens, dtype=torch.int32, device=k_cache.device)
     given = (inputs.q.clone(), k_new.clone(), v_new.clone(), lengths.clone())
-    out = call_kvcache(backend, *given[:1], k_cache, v_cache, *given[1:], case)
-    for name, now, before in zip(("q", "k", "v", "cache_seqlens"), given, (inputs.q, k_new, v_new, lengths)):
+    originals = (inputs.q, k_new, v_new, lengths)
+    if case.page_block is None:
+        out = call_kvcache(backend, *given[:1], k_cache, v_cache, *given[1:], case)
+    else:
+        table, spare, (k_pages, v_pages) = _paged(case, k_cache, v_cache)
+        spare_before = (k_pages[spare].clone(), v_pages[spare].clone())
+        given, originals = given + (table.clone(),), originals + (table,)
+        out = call_kvcache(backend, *given[:1], k_pages, v_pages, *given[1:4], case, block_table=given[4])
+        if not (torch.equal(k_pages[spare], spare_before[0]) and torch.equal(v_pages[spare], spare_before[1])):
+            verdict.fail("cache-update", f"blocks {spare.tolist()}, named by no block table, were written")
+        k_cache, v_cache = (pages[table.long()].flatten(1, 2) for pages in (k_pages, v_pages))  # read back
+    for name, now, before in zip(("q", "k", "v", "cache_seqlens", "block_table"), given, originals):
         if not torch.equal(now, before):
             verdict.fail("inputs-unmodified", f"the call modified its input {name} in place")
     for b, n in enumerate(case.cache_seqlens):
@@ -70,13 +100,29 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
                                              f"{n}..{n + sq - 1} and the old ones elsewhere")
         keys, values = (torch.cat([before[b, :n], new[b]]).unsqueeze(0) for before, new in
                         ((inputs.k, k_new), (inputs.v, v_new)))
-        sub = case.replace(batch=1, seqlen_k=n + sq, cache_seqlens=None)
+        sub = case.replace(batch=1, seqlen_k=n + sq, cache_seqlens=None, page_block=None)
         exp = expected_for(Inputs(inputs.q[b: b + 1], keys, values, inputs.dout[b: b + 1]), sub,
                            backend.capabilities.masked_rows, False, backend.capabilities.accumulation)
         verdict.add("kvcache-reference", compare(f"batch item {b} ({n} cached + {sq} new)", out[b: b + 1], exp.out,
                                                  exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
                                                  FORWARD_MULTIPLE, n + sq, exp.logit_magnitude))
     return verdict
+
+
+def _paged(case: Case, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """The caches as pages: (batch * blocks per item + 2, page_block, nheads_k, head_dim), item b's block
+    i at table[b, i] of a random permutation; the two blocks no table names (spare) hold other numbers."""
+    page, per = case.page_block, case.seqlen_k // case.page_block
+    gen = torch.Generator().manual_seed(case.seed * 1000 + 13)
+    order = torch.randperm(case.batch * per + 2, generator=gen)
+    table = order[: case.batch * per].view(case.batch, per).to(device=k_cache.device, dtype=torch.int32)
+    spare = order[case.batch * per:].to(k_cache.device)
+    pages = []
+    for cache in (k_cache, v_cache):
+        paged = (torch.randn((len(order), page, *cache.shape[2:]), generator=gen) * 4).to(cache.device, cache.dtype)
+        paged[table.long()] = cache.view(case.batch, per, page, *cache.shape[2:])
+        pages.append(paged)
+    return table, spare, pages
 
 
 CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents)
