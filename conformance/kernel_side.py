@@ -37,4 +37,18 @@ def speed_time(backend: Backend, against: str | None, sets: list[Inputs], case: 
     return time_case(backends, sets, case, device, mode, blocks, **timing)
 
 
-PROCEDURES = {"memory_peak": memory_peak, "speed_time": speed_time}
+def dropout_samples(backend: Backend, q, k, v, case: Case, dropout_p: float, seeds: list) -> "torch.Tensor":
+    """The outputs of one call per seed with ``dropout_p``, torch's generators (CPU and CUDA, which
+    dropout kernels draw from) seeded with it just before: (len(seeds), *q.shape). A seed of None
+    leaves the generators as they are."""
+    import torch
+
+    outs = []
+    for seed in seeds:
+        if seed is not None:
+            torch.manual_seed(seed)
+        outs.append(call(backend, q, k, v, case, dropout_p=dropout_p).detach().clone())
+    return torch.stack(outs)
+
+
+PROCEDURES = {"memory_peak": memory_peak, "speed_time": speed_time, "dropout_samples": dropout_samples}

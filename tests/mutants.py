@@ -438,14 +438,15 @@ MUTANTS += [
 
 
 def _declares_attn_bias_only_if_it_takes_it(m: Mutant) -> Mutant:
-    """The mutants above wrap naive or tiled, whose declarations now include attn_bias; one whose own
-    signature takes no attn_bias (nor passes **kwargs on) does not declare it."""
+    """The mutants above wrap naive or tiled, whose declarations now include attn_bias and (naive)
+    dropout; one whose own signature takes no attn_bias (nor passes **kwargs on) does not declare it,
+    and none passes dropout_p on."""
     import inspect
 
     params = inspect.signature(m.backend.fn).parameters.values()
-    if any(p.name == "attn_bias" or p.kind is p.VAR_KEYWORD for p in params):
-        return m
-    caps = dataclasses.replace(m.backend.capabilities, attn_bias=False, bias_grad=False)
+    takes = any(p.name == "attn_bias" or p.kind is p.VAR_KEYWORD for p in params)
+    caps = dataclasses.replace(m.backend.capabilities, dropout=False,
+                               **({} if takes else {"attn_bias": False, "bias_grad": False}))
     return dataclasses.replace(m, backend=dataclasses.replace(m.backend, capabilities=caps))
 
 
@@ -485,4 +486,51 @@ def paged_tail_past_length(q, k_cache, v_cache, k=None, v=None, cache_seqlens=No
 MUTANTS += [
     _tiled_variant("paged-table-in-order", "kvcache", "kvcache-reference", kvcache_fn=paged_table_in_order),
     _tiled_variant("paged-tail-past-length", "kvcache", "kvcache-reference", kvcache_fn=paged_tail_past_length),
+]
+
+
+# -- dropout (conformance/checks/dropout.py) ----------------------------------------------------------
+
+def _with_dropout(q, k, v, softmax_scale, causal, causal_alignment, drop):
+    """naive's attention with ``drop(weights)`` applied to the probabilities."""
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    group = qh.shape[1] // kh.shape[1]
+    kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+    scores = torch.matmul(qh, kh.transpose(-2, -1)) * _scale(q, softmax_scale)
+    if causal:
+        sq, sk = scores.shape[-2:]
+        offset = sk - sq if causal_alignment == "bottom_right" else 0
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(offset)
+        scores = scores.masked_fill(~keep, max(-1e9, torch.finfo(scores.dtype).min))
+    return torch.matmul(drop(torch.softmax(scores, dim=-1)), vh).transpose(1, 2)
+
+
+def dropout_no_rescale(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Drops probabilities but forgets the 1/(1 - p) rescale of the kept ones."""
+    return _with_dropout(q, k, v, softmax_scale, causal, causal_alignment,
+                         lambda w: torch.nn.functional.dropout(w, dropout_p) * (1 - dropout_p))
+
+
+def dropout_at_zero(q, k, v, dropout_p=None, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Takes a dropout_p argument as training mode: drops with at least p = 0.1 even at dropout_p=0.0."""
+    p = 0.0 if dropout_p is None else max(dropout_p, 0.1)
+    return _with_dropout(q, k, v, softmax_scale, causal, causal_alignment,
+                         lambda w: torch.nn.functional.dropout(w, p))
+
+
+def dropout_fixed_mask(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right"):
+    """Draws its dropout mask from a generator of its own, seeded the same on every call: the seed is ignored."""
+    def drop(w):
+        if not dropout_p:
+            return w
+        gen = torch.Generator(device=w.device).manual_seed(1234)
+        keep = torch.rand(w.shape, generator=gen, device=w.device) >= dropout_p
+        return w * keep / (1 - dropout_p)
+    return _with_dropout(q, k, v, softmax_scale, causal, causal_alignment, drop)
+
+
+MUTANTS += [
+    _mutant(dropout_no_rescale, "dropout", "dropout-mean", _naive_caps(attn_bias=False, bias_grad=False)),
+    _mutant(dropout_at_zero, "dropout", "dropout-zero", _naive_caps(attn_bias=False, bias_grad=False)),
+    _mutant(dropout_fixed_mask, "dropout", "dropout-varies", _naive_caps(attn_bias=False, bias_grad=False)),
 ]

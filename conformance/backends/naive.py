@@ -19,8 +19,6 @@ from conformance.capabilities import Capabilities
 
 def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_alignment="bottom_right",
               attn_bias=None):
-    if dropout_p:
-        raise ValueError("naive attention has no dropout")
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seqlen, head_dim)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -37,6 +35,8 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, causal_a
     if attn_bias is not None and attn_bias.dtype == torch.bool:
         scores = scores.masked_fill(~attn_bias, fill)
     weights = torch.softmax(scores, dim=-1)
+    if dropout_p:  # the probabilities, each kept with 1 - p and rescaled (torch's dropout)
+        weights = torch.nn.functional.dropout(weights, dropout_p)
     return torch.matmul(weights, v).transpose(1, 2)
 
 
@@ -45,6 +45,6 @@ BACKEND = Backend(
     fn=attention,
     capabilities=Capabilities(causal=("bottom_right", "top_left"), masked_rows="mean_v", head_dim_max=1024,
                               accumulation="input",
-                              memory="quadratic", attn_bias=True, bias_grad=True),
+                              memory="quadratic", attn_bias=True, bias_grad=True, dropout=True),
     description="textbook attention of the lab notes, plain PyTorch",
 )

@@ -15,7 +15,8 @@ BACKEND = Backend(
     name="sdpa-math",
     fn=_MATH,
     capabilities=Capabilities(causal=("top_left", "bottom_right"), head_dim_max=1024, memory="quadratic",
-                              attn_bias=True, bias_grad=True, kvcache=True, paged_kv=True),
+                              attn_bias=True, bias_grad=True, kvcache=True, paged_kv=True,
+                              dropout=True),
     description="torch SDPA pinned to SDPBackend.MATH",
     kvcache_fn=kvcache_with(_MATH, causal_alignment="bottom_right"),
 )

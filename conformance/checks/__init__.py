@@ -16,14 +16,14 @@ import torch
 from conformance.backend import (Backend, ContractError, DeviceFault, KernelCrashed, KernelRaised, KernelTimedOut,
                                  OutOfMemory, Unsupported, classify)
 from conformance.case import Case
-from conformance.checks import (alibi, attn_bias, causal, determinism, forward, gradients, kvcache, memory, sanity, softcap,
+from conformance.checks import (alibi, attn_bias, causal, determinism, dropout, forward, gradients, kvcache, memory, sanity, softcap,
                                 speed, varlen, window)
 from conformance.checks.check import Check
 from conformance.options import RunOptions
 from conformance.verdict import Verdict
 
 CHECKS: dict[str, Check] = {m.CHECK.name: m.CHECK for m in (forward, gradients, causal, sanity, window, softcap, alibi,
-                                                            varlen, kvcache, attn_bias, determinism, memory,
+                                                            varlen, kvcache, attn_bias, dropout, determinism, memory,
                                                             speed)}
 CORRECTNESS_CHECKS = [name for name, check in CHECKS.items() if not check.measures]  # these are fuzzed
 _SUITE = Path(__file__).resolve().parents[1]  # the conformance package

@@ -53,6 +53,11 @@ def test_attn_bias(attn_backend, attn_case, attn_check):
     attn_check(attn_backend, attn_case)
 
 
+@pytest.mark.attention_check("dropout")
+def test_dropout(attn_backend, attn_case, attn_check):
+    attn_check(attn_backend, attn_case)
+
+
 @pytest.mark.attention_check("determinism")
 def test_determinism(attn_backend, attn_case, attn_check):
     attn_check(attn_backend, attn_case)

@@ -1,0 +1,90 @@
+"""Dropout on the attention probabilities (``dropout_p``, as flash-attn and SDPA apply it: each
+probability kept with 1 - p and rescaled by 1/(1 - p)), for backends that declare ``dropout``. Outputs
+are random, so the check is statistical, seeded where the kernel runs (torch's generators, which these
+kernels draw from):
+
+- dropout-mean: over N calls with different seeds, the mean output converges to the dropout-free
+  reference: each element's error, over its standard error (the exact variance p/(1-p)·Σ_j P²V² of one
+  call, over N, plus the same-precision error), stays below 6, and its mean square below 2 (an unbiased
+  kernel gives about 1; one without the rescale gives N·p·(1-p) per element and more);
+- dropout-seeded: the same seed gives bitwise the same output; dropout-varies: two seeds differ;
+- dropout-zero: ``dropout_p=0.0`` passed explicitly is attention without dropout (within the tolerance).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from conformance import grid, reference
+from conformance.backend import Backend, run_kernel_side
+from conformance.case import Case
+from conformance.checks.check import Check
+from conformance.expected import expected
+from conformance.checks.forward import output_comparison
+from conformance.inputs import make_inputs
+from conformance.verdict import Verdict
+
+NAME = "dropout"
+NEEDS: tuple[str, ...] = ("dropout",)
+CASE_FEATURE = None  # the case feature the check exercises: every case (fuzzed too) has it
+P = 0.2  # the dropout probability
+SAMPLES = 64
+Z_MAX, MEAN_SQUARE_MAX = 6.0, 2.0
+BASE = Case(batch=2, seqlen_q=33, seqlen_k=40, nheads=4, head_dim=32, dtype="fp32")
+
+
+def intents() -> list[grid.Intent]:
+    b, it = BASE, grid.intent
+    return [
+        it("dropout", b),
+        it("dropout, causal, GQA", b.replace(causal="bottom_right", nheads=8, nheads_k=2)),
+        it("dropout, fp16, seqlen_q > seqlen_k", b.replace(dtype="fp16", seqlen_q=65, seqlen_k=17), pin=("dtype",)),
+        it("dropout, bf16, head dim 64", b.replace(dtype="bf16", head_dim=64), pin=("dtype",)),
+        # standard
+        *(it(f"dropout over {n} keys, {dt}", b.replace(seqlen_q=n, seqlen_k=n, dtype=dt), 1, pin=("dtype",))
+          for n in (129, 257) for dt in ("fp16", "bf16")),
+    ]
+
+
+def cases(tier: str) -> list[Case]:
+    return grid.nominal(intents(), tier)
+
+
+def _standard_error_sq(case: Case, inputs) -> torch.Tensor:
+    """The variance of one call's output, elementwise: p/(1-p) * Σ_j P_ij² V_jd² (float64)."""
+    q, k, v = (t.detach().to(torch.float64) for t in (inputs.q, inputs.k, inputs.v))
+    kx, vx = reference._expand(k, v, case)
+    scores, _ = reference._masked_scores(q, kx, case, "scale_q")
+    probs = reference._zero_masked_rows(torch.softmax(scores, dim=-1), case)
+    return P / (1 - P) * torch.einsum("bhqk,bkhd->bqhd", probs**2, vx**2)
+
+
+def run(backend: Backend, case: Case, device: str) -> Verdict:
+    verdict = Verdict(NAME, backend.name, case, device)
+    inputs = make_inputs(case, device)
+    seed = case.seed * 1000
+    outs = run_kernel_side(backend, "dropout_samples", inputs.q, inputs.k, inputs.v, case, P,
+                           [seed + i for i in range(SAMPLES)] + [seed])
+    outs = outs.to(torch.float64)
+    if not bool(torch.equal(outs[0], outs[-1]) or (outs[0].isnan() & outs[-1].isnan()).all()):
+        verdict.fail("dropout-seeded", f"two calls with the same seed ({seed}) gave different outputs: max "
+                                       f"difference {float((outs[0] - outs[-1]).abs().nan_to_num(0).max()):.3e}")
+    if torch.equal(outs[0], outs[1]):
+        verdict.fail("dropout-varies", f"calls with seeds {seed} and {seed + 1} gave bitwise the same output: "
+                                       "the dropout mask ignores the seed")
+    exp = expected(case, device, backend.capabilities.masked_rows, False, backend.capabilities.accumulation)
+    mean = outs[:SAMPLES].mean(0)
+    var = _standard_error_sq(case, inputs).to(mean.device) / SAMPLES + (2 * exp.out_torch_error) ** 2
+    z = ((mean - exp.out) / var.clamp_min(1e-30).sqrt()).nan_to_num(float("inf"))
+    worst, mean_square = float(z.abs().max()), float((z**2).mean())
+    verdict.measurements["dropout"] = {"p": P, "samples": SAMPLES, "max_z": worst, "mean_z2": mean_square}
+    if not (worst <= Z_MAX and mean_square <= MEAN_SQUARE_MAX):
+        verdict.fail("dropout-mean", f"the mean of {SAMPLES} outputs with dropout_p={P} is not the dropout-free "
+                                     f"output: largest error {worst:.1f} standard errors (bound {Z_MAX:g}), mean "
+                                     f"square {mean_square:.2f} (bound {MEAN_SQUARE_MAX:g}, about 1 when unbiased)")
+    zero = run_kernel_side(backend, "dropout_samples", inputs.q, inputs.k, inputs.v, case, 0.0, [seed])[0]
+    verdict.add("dropout-zero", output_comparison(backend, case, device, out=zero, diagnose=False))
+    return verdict
+
+
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents)
