@@ -51,4 +51,25 @@ def dropout_samples(backend: Backend, q, k, v, case: Case, dropout_p: float, see
     return torch.stack(outs)
 
 
-PROCEDURES = {"memory_peak": memory_peak, "speed_time": speed_time, "dropout_samples": dropout_samples}
+def dropout_with_mask(backend: Backend, q, k, v, dout, case: Case, dropout_p: float, seed: int) -> tuple:
+    """One call with ``dropout_p`` under ``seed`` and its gradients (out, dq, dk, dv), then the same call
+    with V replaced by the identity basis (v[:, j, :, j] = 1; head_dim >= seqlen_k), whose output is the
+    dropped probability matrix itself: the dropout mask the first call used."""
+    import torch
+
+    def seeded(values):
+        torch.manual_seed(seed)
+        leaves = tuple(t.detach().clone().requires_grad_(True) for t in (q, k, values))
+        with torch.enable_grad():
+            out = call(backend, *leaves, case, dropout_p=dropout_p)
+            grads = torch.autograd.grad(out, leaves, dout) if backend.capabilities.backward else ()
+        return (out.detach(), *(g.detach() for g in grads))
+
+    basis = torch.zeros_like(v)
+    sk = v.shape[1]
+    basis[:, torch.arange(sk), :, torch.arange(sk)] = 1
+    return (*seeded(v), seeded(basis)[0])
+
+
+PROCEDURES = {"memory_peak": memory_peak, "speed_time": speed_time, "dropout_samples": dropout_samples,
+              "dropout_with_mask": dropout_with_mask}

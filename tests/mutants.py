@@ -529,7 +529,19 @@ def dropout_fixed_mask(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     return _with_dropout(q, k, v, softmax_scale, causal, causal_alignment, drop)
 
 
+def dropout_backward_other_mask(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                                causal_alignment="bottom_right"):
+    """The forward's value is right, but its backward drops with another mask (a fresh draw, as a backward
+    kernel that does not replay the forward's random numbers)."""
+    def drop(w):
+        first = torch.nn.functional.dropout(w, dropout_p)
+        second = torch.nn.functional.dropout(w, dropout_p)
+        return first.detach() + (second - second.detach())
+    return _with_dropout(q, k, v, softmax_scale, causal, causal_alignment, drop)
+
+
 MUTANTS += [
+    _mutant(dropout_backward_other_mask, "dropout", "dropout-gradients", _naive_caps(attn_bias=False, bias_grad=False)),
     _mutant(dropout_no_rescale, "dropout", "dropout-mean", _naive_caps(attn_bias=False, bias_grad=False)),
     _mutant(dropout_at_zero, "dropout", "dropout-zero", _naive_caps(attn_bias=False, bias_grad=False)),
     _mutant(dropout_fixed_mask, "dropout", "dropout-varies", _naive_caps(attn_bias=False, bias_grad=False)),

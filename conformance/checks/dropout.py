@@ -8,7 +8,12 @@ kernels draw from):
   call, over N, plus the same-precision error), stays below 6, and its mean square below 2 (an unbiased
   kernel gives about 1; one without the rescale gives N·p·(1-p) per element and more);
 - dropout-seeded: the same seed gives bitwise the same output; dropout-varies: two seeds differ;
-- dropout-zero: ``dropout_p=0.0`` passed explicitly is attention without dropout (within the tolerance).
+- dropout-zero: ``dropout_p=0.0`` passed explicitly is attention without dropout (within the tolerance);
+- dropout-mask, dropout-gradients (head_dim >= seqlen_k): the same seeded call with V replaced by the
+  identity basis returns the dropped probability matrix A = P∘M/(1-p) itself; the call's output must be
+  A·V, the mask M = (A != 0) must keep about 1 - p of the probabilities, and dq, dk, dv must be the
+  gradients of that same dropped attention (dV = Aᵀ·dO; dS = P∘(dP - rowsum(P∘dP)) with
+  dP = (dO·Vᵀ)∘M/(1-p)), within the tolerance.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from conformance import grid, reference
 from conformance.backend import Backend, run_kernel_side
 from conformance.case import Case
 from conformance.checks.check import Check
-from conformance.expected import expected
+from conformance.expected import GRAD_NAMES, expected
+from conformance.tolerance import FORWARD_MULTIPLE, GRADIENT_MULTIPLE, compare
 from conformance.checks.forward import output_comparison
 from conformance.inputs import make_inputs
 from conformance.verdict import Verdict
@@ -30,7 +36,7 @@ CASE_FEATURE = None  # the case feature the check exercises: every case (fuzzed 
 P = 0.2  # the dropout probability
 SAMPLES = 64
 Z_MAX, MEAN_SQUARE_MAX = 6.0, 2.0
-BASE = Case(batch=2, seqlen_q=33, seqlen_k=40, nheads=4, head_dim=32, dtype="fp32")
+BASE = Case(batch=2, seqlen_q=33, seqlen_k=40, nheads=4, head_dim=64, dtype="fp32")
 
 
 def intents() -> list[grid.Intent]:
@@ -39,7 +45,7 @@ def intents() -> list[grid.Intent]:
         it("dropout", b),
         it("dropout, causal, GQA", b.replace(causal="bottom_right", nheads=8, nheads_k=2)),
         it("dropout, fp16, seqlen_q > seqlen_k", b.replace(dtype="fp16", seqlen_q=65, seqlen_k=17), pin=("dtype",)),
-        it("dropout, bf16, head dim 64", b.replace(dtype="bf16", head_dim=64), pin=("dtype",)),
+        it("dropout, bf16, head dim 128", b.replace(dtype="bf16", head_dim=128), pin=("dtype",)),
         # standard
         *(it(f"dropout over {n} keys, {dt}", b.replace(seqlen_q=n, seqlen_k=n, dtype=dt), 1, pin=("dtype",))
           for n in (129, 257) for dt in ("fp16", "bf16")),
@@ -84,7 +90,45 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
                                      f"square {mean_square:.2f} (bound {MEAN_SQUARE_MAX:g}, about 1 when unbiased)")
     zero = run_kernel_side(backend, "dropout_samples", inputs.q, inputs.k, inputs.v, case, 0.0, [seed])[0]
     verdict.add("dropout-zero", output_comparison(backend, case, device, out=zero, diagnose=False))
+    if case.head_dim >= case.seqlen_k:
+        consistent_with_mask(backend, case, device, inputs, seed, verdict)
     return verdict
+
+
+def consistent_with_mask(backend: Backend, case: Case, device: str, inputs, seed: int, verdict: Verdict) -> None:
+    """The output and gradients of one seeded call against the dropped attention its mask defines."""
+    got = run_kernel_side(backend, "dropout_with_mask", inputs.q, inputs.k, inputs.v, inputs.dout, case, P, seed)
+    out, grads, revealed = got[0], got[1:-1], got[-1]
+    a = revealed[..., : case.seqlen_k].to(torch.float64).permute(0, 2, 1, 3)  # (batch, heads, seqlen_q, seqlen_k)
+    q, k, v, dout = (t.detach().to(torch.float64) for t in (inputs.q, inputs.k, inputs.v, inputs.dout))
+    kx, vx = reference._expand(k, v, case)
+    scores, _ = reference._masked_scores(q, kx, case, "scale_q")
+    probs = reference._zero_masked_rows(torch.softmax(scores, dim=-1), case)
+    kept = (a != 0) & (probs > 0)
+    fraction = float(kept.sum()) / max(1, int((probs > 0).sum()))
+    verdict.measurements["dropout_kept"] = fraction
+    exp = expected(case, device, backend.capabilities.masked_rows, backend.capabilities.backward,
+                   backend.capabilities.accumulation)
+    n = max(case.seqlen_q, case.seqlen_k)
+    verdict.add("dropout-mask", compare("out = A·V", out, torch.einsum("bhqk,bkhd->bqhd", a, vx),
+                                        2 * exp.out_torch_error / (1 - P), exp.out_magnitude / (1 - P),
+                                        case.torch_dtype, FORWARD_MULTIPLE, n))
+    kept_bound = 6 * (P * (1 - P) / max(1, int((probs > 0).sum()))) ** 0.5
+    if abs(fraction - (1 - P)) > kept_bound:
+        verdict.fail("dropout-mask", f"the mask keeps {fraction:.4f} of the probabilities; with dropout_p={P} "
+                                     f"about {1 - P:g} (bound ±{kept_bound:.4f})")
+    if not grads:
+        return
+    group = case.nheads // case.nheads_k
+    dp = torch.einsum("bqhd,bkhd->bhqk", dout, vx) * kept / (1 - P)
+    ds = probs * (dp - (probs * dp).sum(-1, keepdim=True))
+    want = (torch.einsum("bhqk,bkhd->bqhd", ds, kx) * case.scale,
+            torch.einsum("bhqk,bqhd->bkhd", ds, q) * case.scale,
+            torch.einsum("bhqk,bqhd->bkhd", a, dout))
+    want = (want[0], *(t.reshape(*t.shape[:2], case.nheads_k, group, -1).sum(3) for t in want[1:]))
+    for name, g, w, err, mag in zip(GRAD_NAMES, grads, want, exp.grad_torch_errors, exp.grad_magnitudes):
+        verdict.add("dropout-gradients", compare(name, g, w, 2 * err / (1 - P), mag / (1 - P), case.torch_dtype,
+                                                 GRADIENT_MULTIPLE, n))
 
 
 CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents)
