@@ -85,7 +85,7 @@ BACKEND = Backend(
     fn=attention,
     capabilities=Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"fp16", "bf16"}), memory="linear",
                               window=True, softcap=True, alibi=True, varlen=True, kvcache=True,
-                              paged_kv=True, page_block_multiple=256,  # "Paged KV cache block size must be
+                              paged_kv=True, page_block_multiple=256, dropout=True,  # "Paged KV cache block size must be
                               # divisible by 256" (flash-attn 2.x's flash_attn_with_kvcache)
                               deterministic_backward=True, **installed_head_dims()),
     description="flash-attn 2.x: flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache",

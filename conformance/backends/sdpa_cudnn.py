@@ -21,7 +21,7 @@ BACKEND = Backend(
     fn=pinned(SDPBackend.CUDNN_ATTENTION),
     capabilities=Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"fp16", "bf16"}), head_dim_max=128,
                               causal=("top_left", "bottom_right"), memory="linear",
-                              attn_bias=True),
+                              attn_bias=True, dropout=True),
     description="torch SDPA pinned to SDPBackend.CUDNN_ATTENTION",
     unavailable_reasons=unavailable_reasons,
 )

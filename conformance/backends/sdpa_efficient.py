@@ -13,7 +13,7 @@ BACKEND = Backend(
     # GQA/MQA: "both fused kernels require query, key and value to have the same num_heads" (torch 2.11)
     capabilities=Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"fp16", "bf16", "fp32"}),
                               head_dim_max=512, causal=("top_left", "bottom_right"), gqa=False, mqa=False,
-                              memory="linear", attn_bias=True, bias_grad=True),
+                              memory="linear", attn_bias=True, bias_grad=True, dropout=True),
     description="torch SDPA pinned to SDPBackend.EFFICIENT_ATTENTION",
     unavailable_reasons=lambda: cuda_reasons(None, "SDPA's memory-efficient kernel"),
 )

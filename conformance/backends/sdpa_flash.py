@@ -22,7 +22,7 @@ BACKEND = Backend(
     # torch 2.11); bottom-right runs natively through causal_lower_right.
     fn=pinned(SDPBackend.FLASH_ATTENTION, default_alignment="bottom_right"),
     capabilities=Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"fp16", "bf16"}), head_dim_max=256,
-                              causal=("bottom_right",), memory="linear"),
+                              causal=("bottom_right",), memory="linear", dropout=True),
     description="torch SDPA pinned to SDPBackend.FLASH_ATTENTION",
     unavailable_reasons=unavailable_reasons,
 )

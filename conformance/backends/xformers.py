@@ -118,7 +118,7 @@ BACKEND = Backend(
     fn=attention,
     capabilities=Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({"fp16", "bf16", "fp32"}),
                               causal=("bottom_right", "top_left"), memory="linear", varlen=True,
-                              attn_bias=True, bias_grad=True, **flash.installed_head_dims()),
+                              attn_bias=True, bias_grad=True, dropout=True, **flash.installed_head_dims()),
     description="xformers.ops.memory_efficient_attention with its attention biases",
     unavailable_reasons=unavailable_reasons,
     varlen_fn=varlen_attention,
