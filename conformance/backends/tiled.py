@@ -76,9 +76,20 @@ def _scores(qb, kb, scale, softcap, alibi, r0, c0, alibi_offset, mask, bias=None
     return s, t
 
 
+def _kept(dropout, r0, r1, c0, c1, shape, device):
+    """Dropout's keep mask of one block, rescaled (1/(1-p) where kept, 0 where dropped), or None without
+    dropout: drawn from a generator seeded by the call's seed and the block, so the backward replays it."""
+    if dropout is None:
+        return None
+    p, seed = dropout
+    gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + r0 * 65_537 + c0) % 2**62)
+    keep = torch.rand((*shape, r1 - r0, c1 - c0), generator=gen, device=device) >= p
+    return keep / (1 - p)
+
+
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale, mask, softcap, alibi, block_q, block_k):
+    def forward(ctx, q, k, v, bias, scale, mask, softcap, alibi, block_q, block_k, dropout):
         # q: (B, H, Sq, D); k, v: (B, H, Sk, D), already in the accumulation dtype.
         sq, sk = q.shape[-2], k.shape[-2]
         out = torch.empty_like(q)
@@ -100,21 +111,22 @@ class _TiledAttention(torch.autograd.Function):
                 m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows seeing nothing yet
                 p = torch.exp(s - m_safe.unsqueeze(-1))
                 alpha = torch.exp(m - m_safe)
-                l = l * alpha + p.sum(dim=-1)
-                acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, v[..., c0:c1, :])
+                l = l * alpha + p.sum(dim=-1)  # the softmax's sum is over the probabilities before dropout
+                kept = _kept(dropout, r0, r1, c0, c1, q.shape[:2], q.device)
+                acc = acc * alpha.unsqueeze(-1) + torch.matmul(p if kept is None else p * kept, v[..., c0:c1, :])
                 m = m_new
             seen = l > 0  # a query that may attend to no key returns zeros, as flash-attn does
             out[..., r0:r1, :] = torch.where(seen.unsqueeze(-1), acc / l.clamp_min(1e-30).unsqueeze(-1), 0.0)
             lse[..., r0:r1] = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), float("inf"))
         ctx.save_for_backward(q, k, v, out, lse, bias)
-        ctx.args = (scale, mask, softcap, alibi, block_q, block_k)
+        ctx.args = (scale, mask, softcap, alibi, block_q, block_k, dropout)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, bias = ctx.saved_tensors
         dbias = torch.zeros_like(bias) if ctx.needs_input_grad[3] else None
-        scale, mask, softcap, alibi, block_q, block_k = ctx.args
+        scale, mask, softcap, alibi, block_q, block_k, dropout = ctx.args
         dout = dout.to(q.dtype)
         sq, sk = q.shape[-2], k.shape[-2]
         delta = (dout * out).sum(dim=-1)  # rowsum(dO * O), the softmax backward's correction term
@@ -131,8 +143,11 @@ class _TiledAttention(torch.autograd.Function):
                 s, t = _scores(qb, kb, scale, softcap, alibi, r0, c0, sk - sq, blk_mask,
                                _bias_block(bias, r0, r1, c0, c1))
                 p = torch.exp(s - lse[..., r0:r1].unsqueeze(-1))  # recomputed from the saved log-sum-exp
-                dv[..., c0:c1, :] += torch.matmul(p.transpose(-2, -1), dob)
+                kept = _kept(dropout, r0, r1, c0, c1, q.shape[:2], q.device)  # the forward's mask, replayed
+                dv[..., c0:c1, :] += torch.matmul((p if kept is None else p * kept).transpose(-2, -1), dob)
                 dp = torch.matmul(dob, vb.transpose(-2, -1))
+                if kept is not None:
+                    dp = dp * kept
                 ds = p * (dp - delta[..., r0:r1].unsqueeze(-1))
                 if dbias is not None:  # the bias is added after the cap: its gradient is dS itself
                     dims = [i for i in range(4) if bias.shape[i] == 1 and ds.shape[i] > 1]
@@ -141,7 +156,7 @@ class _TiledAttention(torch.autograd.Function):
                     ds = ds * (1 - t * t)
                 dq[..., r0:r1, :] += torch.matmul(ds, kb) * scale
                 dk[..., c0:c1, :] += torch.matmul(ds.transpose(-2, -1), qb) * scale
-        return dq, dk, dv, dbias, None, None, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None
 
 
 def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -151,8 +166,6 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_s
     deterministic (a fixed loop order, no atomics), so ``deterministic`` changes nothing. ``attn_bias``:
     a bool keep-mask or a float bias added to the scaled scores, broadcastable to (batch, heads,
     seqlen_q, seqlen_k), read block by block (its gradient too)."""
-    if dropout_p:
-        raise ValueError("tiled attention has no dropout")
     in_dtype = q.dtype
     acc = torch.float64 if in_dtype == torch.float64 else torch.float32
     qh, kh, vh = (t.transpose(1, 2).to(acc) for t in (q, k, v))  # (B, H, S, D)
@@ -166,7 +179,9 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_s
     if bias is not None:
         bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
         bias = bias if bias.dtype == torch.bool else bias.to(acc)
-    out = _TiledAttention.apply(qh, kh, vh, bias, scale, mask, softcap, alibi, block_q, block_k)
+    # dropout: a seed drawn from torch's generator (so torch.manual_seed reproduces the call), masks per block
+    dropout = (float(dropout_p), int(torch.randint(0, 2**31, (1,)))) if dropout_p else None
+    out = _TiledAttention.apply(qh, kh, vh, bias, scale, mask, softcap, alibi, block_q, block_k, dropout)
     return out.transpose(1, 2).to(in_dtype)
 
 
@@ -192,7 +207,8 @@ BACKEND = Backend(
     fn=attention,
     capabilities=Capabilities(causal=("bottom_right", "top_left"), head_dim_max=1024, memory="linear",
                               window=True, softcap=True, alibi=True, varlen=True, kvcache=True,
-                              attn_bias=True, bias_grad=True, paged_kv=True, deterministic_backward=True),
+                              attn_bias=True, bias_grad=True, paged_kv=True, dropout=True,
+                              deterministic_backward=True),
     description="FlashAttention's algorithm (online softmax, recomputing backward) in plain PyTorch",
     varlen_fn=varlen_attention,
     kvcache_fn=kvcache_attention,
