@@ -6,7 +6,9 @@ kernels draw from):
 - dropout-mean: over N calls with different seeds, the mean output converges to the dropout-free
   reference: each element's error, over its standard error (the exact variance p/(1-p)·Σ_j P²V² of one
   call, over N, plus the same-precision error), stays below 6, and its mean square below 2 (an unbiased
-  kernel gives about 1; one without the rescale gives N·p·(1-p) per element and more);
+  kernel gives about 1; one without the rescale gives N·p·(1-p) per element and more), or below
+  1 + 8·sqrt(2/rows) where few rows (batch × seqlen_q × heads, each row's elements sharing its mask) make
+  the mean square itself noisy;
 - dropout-seeded: the same seed gives bitwise the same output; dropout-varies: not all the N seeds give
   the same output;
 - dropout-zero: ``dropout_p=0.0`` passed explicitly is attention without dropout (within the tolerance);
@@ -84,11 +86,13 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     var = _standard_error_sq(case, inputs).to(mean.device) / SAMPLES + (2 * exp.out_torch_error) ** 2
     z = ((mean - exp.out) / var.clamp_min(1e-30).sqrt()).nan_to_num(float("inf"))
     worst, mean_square = float(z.abs().max()), float((z**2).mean())
+    rows = case.batch * case.seqlen_q * case.nheads
+    square_bound = max(MEAN_SQUARE_MAX, 1 + 8 * (2 / rows) ** 0.5)
     verdict.measurements["dropout"] = {"p": P, "samples": SAMPLES, "max_z": worst, "mean_z2": mean_square}
-    if not (worst <= Z_MAX and mean_square <= MEAN_SQUARE_MAX):
+    if not (worst <= Z_MAX and mean_square <= square_bound):
         verdict.fail("dropout-mean", f"the mean of {SAMPLES} outputs with dropout_p={P} is not the dropout-free "
                                      f"output: largest error {worst:.1f} standard errors (bound {Z_MAX:g}), mean "
-                                     f"square {mean_square:.2f} (bound {MEAN_SQUARE_MAX:g}, about 1 when unbiased)")
+                                     f"square {mean_square:.2f} (bound {square_bound:.3g}, about 1 when unbiased)")
     zero = run_kernel_side(backend, "dropout_samples", inputs.q, inputs.k, inputs.v, case, 0.0, [seed])[0]
     verdict.add("dropout-zero", output_comparison(backend, case, device, out=zero, diagnose=False))
     if case.head_dim >= case.seqlen_k:
@@ -103,10 +107,12 @@ def consistent_with_mask(backend: Backend, case: Case, device: str, inputs, seed
     a = revealed[..., : case.seqlen_k].to(torch.float64).permute(0, 2, 1, 3)  # (batch, heads, seqlen_q, seqlen_k)
     q, k, v, dout = (t.detach().to(torch.float64) for t in (inputs.q, inputs.k, inputs.v, inputs.dout))
     kx, vx = reference._expand(k, v, case)
-    scores, _ = reference._masked_scores(q, kx, case, "scale_q")
+    scores, capped = reference._masked_scores(q, kx, case, "scale_q")
     probs = reference._zero_masked_rows(torch.softmax(scores, dim=-1), case)
     kept = (a != 0) & (probs > 0)
-    fraction = float(kept.sum()) / max(1, int((probs > 0).sum()))
+    # the kept fraction over probabilities the kernel cannot have rounded to 0 (fp16, exp's underflow)
+    counted = probs > 1e-3
+    fraction = float((kept & counted).sum()) / max(1, int(counted.sum()))
     verdict.measurements["dropout_kept"] = fraction
     exp = expected(case, device, backend.capabilities.masked_rows, backend.capabilities.backward,
                    backend.capabilities.accumulation)
@@ -114,8 +120,8 @@ def consistent_with_mask(backend: Backend, case: Case, device: str, inputs, seed
     verdict.add("dropout-mask", compare("out = A·V", out, torch.einsum("bhqk,bkhd->bqhd", a, vx),
                                         2 * exp.out_torch_error / (1 - P), exp.out_magnitude / (1 - P),
                                         case.torch_dtype, FORWARD_MULTIPLE, n))
-    kept_bound = 6 * (P * (1 - P) / max(1, int((probs > 0).sum()))) ** 0.5
-    if abs(fraction - (1 - P)) > kept_bound:
+    kept_bound = 6 * (P * (1 - P) / max(1, int(counted.sum()))) ** 0.5
+    if bool(counted.any()) and abs(fraction - (1 - P)) > kept_bound:
         verdict.fail("dropout-mask", f"the mask keeps {fraction:.4f} of the probabilities; with dropout_p={P} "
                                      f"about {1 - P:g} (bound ±{kept_bound:.4f})")
     if not grads:
@@ -123,6 +129,8 @@ def consistent_with_mask(backend: Backend, case: Case, device: str, inputs, seed
     group = case.nheads // case.nheads_k
     dp = torch.einsum("bqhd,bkhd->bhqk", dout, vx) * kept / (1 - P)
     ds = probs * (dp - (probs * dp).sum(-1, keepdim=True))
+    if capped is not None:  # through the soft cap: d(cap·tanh(s/cap))/ds = 1 - tanh²
+        ds = ds * (1 - capped * capped)
     want = (torch.einsum("bhqk,bkhd->bqhd", ds, kx) * case.scale,
             torch.einsum("bhqk,bqhd->bkhd", ds, q) * case.scale,
             torch.einsum("bhqk,bqhd->bkhd", a, dout))
