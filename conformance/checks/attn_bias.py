@@ -24,7 +24,7 @@ from conformance.tolerance import GRADIENT_MULTIPLE, compare, max_abs_error
 from conformance.verdict import Verdict
 
 NAME = "attn_bias"
-NEEDS: tuple[str, ...] = ("attn_bias",)
+NEEDS: tuple[str, ...] = ()  # the case feature itself asks for the attn_bias capability
 CASE_FEATURE = "attn_bias"  # the case feature the check exercises: every case (fuzzed too) has it
 BASE = Case(batch=2, seqlen_q=65, seqlen_k=129, nheads=4, head_dim=64, dtype="fp32", attn_bias="add.1hqk")
 
