@@ -4,7 +4,7 @@ A backend's result R for a case (its output, or one of dq, dk, dv) is compared w
 reference F, computed from the backend's own rounded inputs (reference.py), by the largest absolute
 difference. It passes when
 
-    max|R - F|  <=  M * E_y  +  E_ref  +  0.5 * ulp_dtype(V)  +  (sqrt(n) + 2) * ulp_acc(T)  [+ ulp_acc(L) * T]
+    max|R - F|  <=  M * E_y  +  E_ref  +  0.5 * ulp_dtype(V)  +  (sqrt(n) + 2) * ulp_acc(T)  +  ulp_acc(L) * T
 
 - E_y, the yardstick, is the error of a straightforward PyTorch computation of the same formula on the
   same (rounded) inputs and device: the largest of max|P_i - F| over the evaluation orders in
@@ -46,12 +46,14 @@ difference. It passes when
   where PyTorch's exp is correctly rounded; every probability may be 2 ulps off, and the output is a
   weighted mean of the values.
 
-- [outputs only] L is the magnitude of the logits' terms (scale·|Q|·|K|, ``reference.term_magnitudes``):
-  a kernel sums each logit in its own order, so each of its probabilities may be off by about one ulp
-  of L relative to every yardstick's, and the output, a weighted mean of V, by ulp_acc(L)·T. It matters
-  only for float32 inputs with large logits, where the yardstick's orders can all happen to round the
-  same way: xFormers' fp32 output on the H100, one sequence of 23 tokens with logits ~50, measured
-  7.31e-6 against a bound of 7.29e-6 without it (docs/tolerance.md).
+- L is the magnitude of the logits' terms (scale·|Q|·|K|, ``reference.term_magnitudes``): a kernel sums
+  each logit in its own order, and its backward recomputes P as exp(S - LSE) from its own LSE, so each
+  probability may be off by about one ulp of L relative to every yardstick's; the output (a weighted mean
+  of V) and the gradients (sums of P-weighted terms) by ulp_acc(L)·T. It matters only for float32
+  inputs with large logits, where the yardstick's orders can all happen to round the same way. On the
+  H100, xFormers' fp32 output of a 23-token sequence with logits ~50 measured 7.31e-6 against a bound of
+  7.29e-6 without it, and its dv for one key (exactly dO; P recomputed as 0.999999) 2.6e-6 against
+  8.3e-7 (docs/tolerance.md).
 
 Why this shape. The error a correct kernel may make depends on the dtype, the lengths, the magnitudes
 and the head dim; no fixed atol/rtol fits them all, and a loose fixed one lets real bugs through at
@@ -125,7 +127,7 @@ def ulp(dtype: torch.dtype, magnitude: float) -> float:
 def bound(torch_error: float, magnitude: float, dtype: torch.dtype, multiple: float, n: int,
           value: float | None = None, logits: float = 0.0) -> float:
     """The rule above, for terms of magnitude T = ``magnitude``, results of magnitude V = ``value``
-    (max|F|; T when not given) and, for outputs, logits' terms of magnitude L = ``logits``."""
+    (max|F|; T when not given) and logits' terms of magnitude L = ``logits`` (0: no such term)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     reference_error = torch_error if dtype == torch.float64 else 0.0
     value = magnitude if value is None else value
@@ -142,8 +144,8 @@ def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 def compare(name: str, actual: torch.Tensor, reference: torch.Tensor, torch_error: float, magnitude: float,
             dtype: torch.dtype, multiple: float, n: int, logits: float = 0.0) -> Comparison:
-    """Apply the rule to one tensor: ``reference`` is float64, ``torch_error``, ``magnitude`` (T) and,
-    for an output, ``logits`` (L) as defined above."""
+    """Apply the rule to one tensor: ``reference`` is float64, ``torch_error``, ``magnitude`` (T) and
+    ``logits`` (L) as defined above."""
     actual = actual.detach().to(reference.device, torch.float64)
     ref_nan = torch.isnan(reference)
     nonfinite = int(((~torch.isfinite(actual)) & ~ref_nan).sum() + (ref_nan & ~torch.isnan(actual)).sum())

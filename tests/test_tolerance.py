@@ -82,3 +82,19 @@ def test_logits_off_by_one_rounding_of_their_terms_pass_and_need_the_logit_term(
         assert with_term.passed, seed
         ratios.append(compare(*args).error / compare(*args).bound)
     assert max(ratios) > 1  # the term is needed
+
+
+def test_a_single_key_dv_from_a_probability_one_ulp_of_the_logit_off_passes():
+    """dv of one query on one key is exactly dO; a backward recomputing P = exp(S - LSE) from its own LSE
+    gets P one ulp of the logit's terms below 1 (xFormers on the H100: 0.999999, dv 3x the old bound)."""
+    from conformance.expected import expected
+
+    for seed in range(10):
+        case = Case(batch=1, seqlen_q=1, seqlen_k=1, nheads=1, head_dim=36, dtype="fp32", magnitude=4, seed=seed)
+        inputs = make_inputs(case, "cpu")
+        exp = expected(case, "cpu", "zeros", True)
+        p = 1 - _one_ulp(torch.tensor(exp.logit_magnitude, dtype=torch.float64))
+        dv = p * inputs.dout.double()
+        args = ("dv", dv, exp.grads[2], exp.grad_torch_errors[2], exp.grad_magnitudes[2], torch.float32,
+                GRADIENT_MULTIPLE, 1)
+        assert compare(*args, exp.logit_magnitude).passed and not compare(*args).passed, seed

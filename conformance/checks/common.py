@@ -24,7 +24,7 @@ def compare_gradients(backend: Backend, case: Case, device: str, verdict: Verdic
     grads = torch.autograd.grad(out, (inputs.q, inputs.k, inputs.v), inputs.dout)
     exp = expected(case, device, backend.capabilities.masked_rows, True, backend.capabilities.accumulation)
     comparisons = [compare(name, grad, ref, err, mag, case.torch_dtype, GRADIENT_MULTIPLE,
-                           max(case.seqlen_q, case.seqlen_k))
+                           max(case.seqlen_q, case.seqlen_k), exp.logit_magnitude)
                    for name, grad, ref, err, mag in zip(GRAD_NAMES, grads, exp.grads, exp.grad_torch_errors,
                                                         exp.grad_magnitudes)]
     if not verdict.findings and not all(c.passed for c in comparisons):  # once per case: not if the output was

@@ -207,7 +207,8 @@ def check_timed(timed: dict, backends: dict[str, Backend], case: Case, mode: str
                                                     exp.logit_magnitude))
                 if dq is not None:
                     verdict.add("timed-output", compare(f"{what}: dq", dq, exp.grads[0], exp.grad_torch_errors[0],
-                                                        exp.grad_magnitudes[0], case.torch_dtype, GRADIENT_MULTIPLE, n))
+                                                        exp.grad_magnitudes[0], case.torch_dtype, GRADIENT_MULTIPLE, n,
+                                                        exp.logit_magnitude))
 
 
 def measure(backends: dict[str, Backend], case: Case, device: str, mode: str, verdict: Verdict,
