@@ -30,6 +30,9 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
+# Triton compiles a kernel again for each integer argument that is 1 or a multiple of 16; for lengths and
+# head counts that buys nothing here (loop bounds, masks) and would compile every kernel again per shape.
+# Strides stay specialized: a row stride that is a multiple of 16 allows wide loads.
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nheads", "group", "seqlen_q", "seqlen_k"])
 def _fwd_kernel(Q, K, V, O, LSE, stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh,
                 stride_kd, stride_vb, stride_vn, stride_vh, stride_vd, stride_ob, stride_om, stride_oh, stride_od,
                 nheads, group, seqlen_q, seqlen_k, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -145,7 +148,7 @@ def _fwd_kernel(Q, K, V, O, LSE, stride_qb, stride_qm, stride_qh, stride_qd, str
 # block, looping over the query blocks) and a dQ kernel (one program per query block, looping over the
 # key blocks) each recompute P: two more matrix products, no atomics, so the gradients are deterministic.
 # ---------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["nheads", "seqlen_q"])
 def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_om, stride_oh, stride_od, stride_dob, stride_dom, stride_doh,
                     stride_dod, nheads, seqlen_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """Algorithm 2, line 4: delta_i = rowsum(dO_i * O_i), in float32 (equal to rowsum(P * dP))."""
@@ -195,7 +198,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nheads", "nheads_k", "group", "seqlen_q", "seqlen_k"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn,
                      stride_kh, stride_kd, stride_vb, stride_vn, stride_vh, stride_vd, stride_dob, stride_dom,
                      stride_doh, stride_dod, stride_dkb, stride_dkn, stride_dkh, stride_dkd, stride_dvb, stride_dvn,
@@ -280,7 +283,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, s
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nheads", "group", "seqlen_q", "seqlen_k"])
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn,
                    stride_kh, stride_kd, stride_vb, stride_vn, stride_vh, stride_vd, stride_dob, stride_dom, stride_doh,
                    stride_dod, stride_dqb, stride_dqm, stride_dqh, stride_dqd, nheads, group, seqlen_q, seqlen_k,
@@ -360,27 +363,44 @@ def _forward(q, k, v, sm_scale, causal, config=None):
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, sm_scale, causal, dkdv_config=None, dq_config=None):
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    group = nheads // nheads_k
-    delta = torch.empty_like(lse)
+def _delta(do, out, nheads):
+    batch, seqlen_q, _, head_dim = out.shape
+    delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=out.device)
     _bwd_preprocess[(triton.cdiv(seqlen_q, PREPROCESS_BLOCK), batch * nheads)](
         out, do, delta, *out.stride(), *do.stride(), nheads, seqlen_q, HEAD_DIM=head_dim, BLOCK_M=PREPROCESS_BLOCK)
-    dq = torch.empty((batch, seqlen_q, nheads, head_dim), dtype=q.dtype, device=q.device)
+    return delta
+
+
+def _dkdv(do, q, k, v, lse, delta, sm_scale, causal, config=None):
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
     dk = torch.empty((batch, seqlen_k, nheads_k, head_dim), dtype=k.dtype, device=k.device)
     dv = torch.empty((batch, seqlen_k, nheads_k, head_dim), dtype=v.dtype, device=v.device)
-    precision = _precision(q.dtype)
-    block_m, block_n, warps, stages = _config("dkdv", head_dim, dkdv_config)
+    block_m, block_n, warps, stages = _config("dkdv", head_dim, config)
     _bwd_dkdv_kernel[(triton.cdiv(seqlen_k, block_n), batch * nheads_k)](
         q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-        *dv.stride(), nheads, nheads_k, group, seqlen_q, seqlen_k, sm_scale * LOG2E, sm_scale, HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, PRECISION=precision, num_warps=warps, num_stages=stages)
-    block_m, block_n, warps, stages = _config("dq", head_dim, dq_config)
+        *dv.stride(), nheads, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k, sm_scale * LOG2E, sm_scale,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, PRECISION=_precision(q.dtype),
+        num_warps=warps, num_stages=stages)
+    return dk, dv
+
+
+def _dq(do, q, k, v, lse, delta, sm_scale, causal, config=None):
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    dq = torch.empty((batch, seqlen_q, nheads, head_dim), dtype=q.dtype, device=q.device)
+    block_m, block_n, warps, stages = _config("dq", head_dim, config)
     _bwd_dq_kernel[(triton.cdiv(seqlen_q, block_m), batch * nheads)](
         q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), nheads,
-        group, seqlen_q, seqlen_k, sm_scale * LOG2E, sm_scale, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, PRECISION=precision, num_warps=warps, num_stages=stages)
+        nheads // nheads_k, seqlen_q, seqlen_k, sm_scale * LOG2E, sm_scale, HEAD_DIM=head_dim, BLOCK_M=block_m,
+        BLOCK_N=block_n, CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    return dq
+
+
+def _backward(do, q, k, v, out, lse, sm_scale, causal):
+    delta = _delta(do, out, q.shape[2])
+    dk, dv = _dkdv(do, q, k, v, lse, delta, sm_scale, causal)
+    dq = _dq(do, q, k, v, lse, delta, sm_scale, causal)
     return dq, dk, dv
 
 
