@@ -330,19 +330,22 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qm, stride_qh,
 # A fixed table, not the autotuner: one compilation per (head dim, dtype, causal), none per shape.
 # ---------------------------------------------------------------------------------------------------
 CONFIGS = {
-    # kernel: {head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)}
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-    "dkdv": {64: (32, 128, 4, 5), 128: (64, 64, 4, 3)},
-    "dq": {64: (128, 32, 4, 5), 128: (64, 64, 4, 3)},
+    # kernel: {(head_dim, causal): (BLOCK_M, BLOCK_N, num_warps, num_stages)}; fp16 and bf16 alike
+    "fwd": {(64, False): (128, 128, 4, 3), (64, True): (64, 64, 4, 3),
+            (128, False): (128, 128, 8, 3), (128, True): (128, 128, 8, 3)},
+    "dkdv": {(64, False): (32, 128, 4, 5), (64, True): (32, 128, 4, 5),
+             (128, False): (64, 128, 8, 3), (128, True): (64, 128, 8, 3)},
+    "dq": {(64, False): (128, 64, 8, 3), (64, True): (64, 64, 4, 3),
+           (128, False): (128, 64, 8, 3), (128, True): (128, 64, 8, 3)},
 }
 INTERPRETER_CONFIG = (32, 32, 4, 1)  # numpy runs one program at a time: few, medium blocks
 PREPROCESS_BLOCK = 128
 
 
-def _config(kernel: str, head_dim: int, override=None):
+def _config(kernel: str, head_dim: int, causal: bool, override=None):
     if override is not None:
         return override
-    return INTERPRETER_CONFIG if INTERPRET else CONFIGS[kernel][head_dim]
+    return INTERPRETER_CONFIG if INTERPRET else CONFIGS[kernel][head_dim, causal]
 
 
 def _precision(dtype):
@@ -354,7 +357,7 @@ def _forward(q, k, v, sm_scale, causal, config=None):
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     out = torch.empty((batch, seqlen_q, nheads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    block_m, block_n, warps, stages = _config("fwd", head_dim, config)
+    block_m, block_n, warps, stages = _config("fwd", head_dim, causal, config)
     grid = (triton.cdiv(seqlen_q, block_m), batch * nheads)
     _fwd_kernel[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), nheads,
                       nheads // nheads_k, seqlen_q, seqlen_k, sm_scale * LOG2E, HEAD_DIM=head_dim, BLOCK_M=block_m,
@@ -376,7 +379,7 @@ def _dkdv(do, q, k, v, lse, delta, sm_scale, causal, config=None):
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     dk = torch.empty((batch, seqlen_k, nheads_k, head_dim), dtype=k.dtype, device=k.device)
     dv = torch.empty((batch, seqlen_k, nheads_k, head_dim), dtype=v.dtype, device=v.device)
-    block_m, block_n, warps, stages = _config("dkdv", head_dim, config)
+    block_m, block_n, warps, stages = _config("dkdv", head_dim, causal, config)
     _bwd_dkdv_kernel[(triton.cdiv(seqlen_k, block_n), batch * nheads_k)](
         q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         *dv.stride(), nheads, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k, sm_scale * LOG2E, sm_scale,
@@ -389,7 +392,7 @@ def _dq(do, q, k, v, lse, delta, sm_scale, causal, config=None):
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     dq = torch.empty((batch, seqlen_q, nheads, head_dim), dtype=q.dtype, device=q.device)
-    block_m, block_n, warps, stages = _config("dq", head_dim, config)
+    block_m, block_n, warps, stages = _config("dq", head_dim, causal, config)
     _bwd_dq_kernel[(triton.cdiv(seqlen_q, block_m), batch * nheads)](
         q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), nheads,
         nheads // nheads_k, seqlen_q, seqlen_k, sm_scale * LOG2E, sm_scale, HEAD_DIM=head_dim, BLOCK_M=block_m,
