@@ -51,7 +51,9 @@ def serve(conn, log_path: str) -> None:
     faulthandler.enable()
     import torch  # noqa: F401 - imported before "ready", outside any call's time limit
 
-    from conformance import kernel_side, registry  # noqa: F401
+    from conformance import kernel_side, registry, threads  # noqa: F401
+
+    threads.limit()  # torch's threads, unless the user set OMP_NUM_THREADS (threads.py: a busy machine)
 
     conn.send("ready")
     worker = _Worker()

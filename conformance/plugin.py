@@ -192,6 +192,9 @@ class Conformance:
         except (SelectionError, ResultsFileError) as exc:
             raise pytest.UsageError(str(exc)) from None
         config.stash[SESSION] = self.session = session
+        from conformance import threads  # the judge's torch threads on a busy machine (threads.py)
+
+        threads.limit()
         return session
 
     def pytest_report_header(self):

@@ -1,0 +1,46 @@
+"""Torch's CPU threads in the judge and in the kernel's process.
+
+By default torch starts one intra-op thread per core, in each process. The judge and the kernel's
+process then share the machine's cores, and on a machine that other work keeps busy every parallel
+region waits for its slowest thread: the suite's small cases spend their time at OpenMP barriers
+(measured on 2 busy cores: over 30x slower than idle; README "Run time"). Both processes therefore
+default to at most ``MAX_THREADS`` threads, and never more than the cores this process may run on.
+
+The user's choice wins: with ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` set in the environment (which
+the kernel's process inherits), torch's own setting is left as it is.
+"""
+
+from __future__ import annotations
+
+import os
+
+MAX_THREADS = 1
+USER_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def cores_available() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's limit)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    return max(1, min(cores_available(), MAX_THREADS))
+
+
+def user_setting(environ=None) -> str | None:
+    """The environment variable through which the user chose torch's threads, if any."""
+    environ = os.environ if environ is None else environ
+    return next((name for name in USER_SETTINGS if environ.get(name, "").strip()), None)
+
+
+def limit(environ=None) -> int:
+    """Lower torch's intra-op threads to ``default_threads()`` unless the user chose them; never raise
+    them. Returns the number of threads torch uses afterwards."""
+    import torch
+
+    if user_setting(environ) is None and torch.get_num_threads() > default_threads():
+        torch.set_num_threads(default_threads())
+    return torch.get_num_threads()
