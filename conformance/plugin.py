@@ -192,8 +192,9 @@ class Conformance:
         except (SelectionError, ResultsFileError) as exc:
             raise pytest.UsageError(str(exc)) from None
         config.stash[SESSION] = self.session = session
-        from conformance import threads  # the judge's torch threads on a busy machine (threads.py)
+        from conformance import progress, threads  # where the run is; the judge's torch threads on a busy machine
 
+        config.pluginmanager.register(progress.Progress(config), "attention-conformance-progress")
         threads.limit()
         return session
 
