@@ -173,7 +173,7 @@ def _summary(path: str) -> int:
     header, records = journal.header, journal.cases
     print(f"run {header.get('run_id')} started {header.get('started')}: device {header.get('device')}, "
           f"tier {header.get('tier')}, {len(records)} cases recorded")
-    print("\n".join(summary.failure_groups(records) + summary.table(records)))
+    print("\n".join(summary.failure_groups(records) + summary.table(records, reasons_shown=None)))
     if not journal.complete:
         print("INCOMPLETE: the run did not finish (the journal has no end record: it was killed, crashed, or "
               "ended by a kernel); not a pass", file=sys.stderr)

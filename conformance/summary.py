@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
 from collections import Counter, defaultdict
 
 OUTCOMES = ("passed", "failed", "skipped")
@@ -9,15 +11,20 @@ OUTCOMES = ("passed", "failed", "skipped")
 PROBLEMS = {"crashed": "failed", "timed out": "failed", "oom": "skipped", "not run": "skipped"}
 
 
-def table(records: list[dict]) -> list[str]:
-    """backend x check cells of passed/failed/skipped counts, a verdict per backend, then the main skip
-    reasons of each backend."""
+REASONS_SHOWN = 5  # skip reasons listed per backend at the end of a run; the journal's summary lists all
+WIDTH = 100
+_INTENT = re.compile(r"^intent not realisable \((?:[^()]|\([^()]*\))*\): ")
+
+
+def table(records: list[dict], width: int = WIDTH, reasons_shown: int | None = REASONS_SHOWN) -> list[str]:
+    """The backends run, then backend x check cells of passed/failed/skipped counts (wrapped by checks
+    within ``width`` columns), a verdict per backend, then each backend's skipped cases by reason (the
+    first ``reasons_shown`` reasons; None: all)."""
     if not records:
         return ["no conformance cases ran"]
     backends = list(dict.fromkeys(r["backend"] for r in records))
     checks = list(dict.fromkeys(r["check"] for r in records))
     counts: dict = defaultdict(Counter)
-    reasons: dict = defaultdict(Counter)
     problems: dict = defaultdict(Counter)
     for r in records:
         outcome = PROBLEMS.get(r["outcome"], r["outcome"])
@@ -25,9 +32,6 @@ def table(records: list[dict]) -> list[str]:
         counts[r["backend"], "*"][outcome] += 1
         if r["outcome"] in PROBLEMS:
             problems[r["backend"]][r["outcome"]] += 1
-        if outcome == "skipped":
-            for reason in r.get("reasons") or ["(no reason recorded)"]:
-                reasons[r["backend"]][reason] += 1
 
     def cell(c: Counter) -> str:
         return "/".join(str(c[o]) for o in OUTCOMES) if c else "-"
@@ -40,18 +44,79 @@ def table(records: list[dict]) -> list[str]:
     def problem(c: Counter) -> str:
         return ", ".join(f"{n} {kind}" for kind, n in c.items()) or "-"
 
-    headers = ["backend", *checks, "verdict", "crashed/timed out/oom/not run"]
-    rows = [[b, *(cell(counts[b, ch]) for ch in checks), verdict(counts[b, "*"]), problem(problems[b])]
-            for b in backends]
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = ["cells: passed/failed/skipped", fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*row) for row in rows]
+    where = ", ".join(sorted({f"{r.get('device', '?')}, tier {r.get('tier', '?')}" for r in records}))
+    lines = _wrap(f"{len(backends)} backend{'s' if len(backends) > 1 else ''} ({where}): {', '.join(backends)}",
+                  width, "    ")
+    lines.append("cells: passed/failed/skipped; other: crashed, timed out (as failed), oom, not run (as skipped)")
+    columns = [["backend", *backends]]
+    columns += [[ch, *(cell(counts[b, ch]) for b in backends)] for ch in checks]
+    columns += [["verdict", *(verdict(counts[b, "*"]) for b in backends)],
+                ["other", *(problem(problems[b]) for b in backends)]]
+    lines += _columns(columns, width)
     for b in backends:
-        if reasons[b]:
-            lines.append(f"main skip reasons for {b}:")
-            lines += [f"  {n:>4} x {reason}" for reason, n in reasons[b].most_common(5)]
+        lines += skip_reasons(records, b, width, reasons_shown)
     return lines + per_gpu(records)
+
+
+def _columns(columns: list[list[str]], width: int) -> list[str]:
+    """Columns side by side, the first one repeated in each block of the others that fits ``width``."""
+    widths = [max(len(x) for x in col) for col in columns]
+    blocks: list[list[int]] = [[]]
+    for i in range(1, len(columns)):
+        used = widths[0] + sum(widths[j] + 2 for j in blocks[-1])
+        if blocks[-1] and used + widths[i] + 2 > width:
+            blocks.append([])
+        blocks[-1].append(i)
+    lines: list[str] = []
+    for block in blocks:
+        if lines:
+            lines.append("")
+        chosen = [0, *block]
+        for row in range(len(columns[0])):
+            lines.append("  ".join(columns[i][row].ljust(widths[i]) for i in chosen).rstrip())
+            if row == 0:
+                lines.append("  ".join("-" * widths[i] for i in chosen))
+    return lines
+
+
+def reason_key(reason: str) -> tuple[str, bool]:
+    """A skip reason without the intent it was given for: (the reason, whether it was an intent)."""
+    bare = _INTENT.sub("", reason)
+    return bare, bare != reason
+
+
+def skip_reasons(records: list[dict], backend: str, width: int = WIDTH, shown: int | None = REASONS_SHOWN) -> list[str]:
+    """The backend's skipped cases (oom and not run included) per reason, most cases first: each case
+    counted once per reason it gives, with the checks it was skipped in."""
+    cases: Counter = Counter()
+    intents: Counter = Counter()
+    where: dict = defaultdict(dict)
+    skipped = 0
+    for r in records:
+        if r["backend"] != backend or PROBLEMS.get(r["outcome"], r["outcome"]) != "skipped":
+            continue
+        skipped += 1
+        keys = dict(reason_key(x) for x in r.get("reasons") or ["(no reason recorded)"])
+        for key, intent in keys.items():
+            cases[key] += 1
+            intents[key] += intent
+            where[key][("fuzz " if r.get("fuzz") else "") + r["check"]] = None
+    if not cases:
+        return []
+    ranked = cases.most_common()
+    listed = ranked if shown is None or len(ranked) <= shown + 1 else ranked[:shown]
+    more = len(ranked) - len(listed)
+    head = f"skipped cases of {backend}: {skipped}, by reason"
+    head += f" (top {len(listed)} of {len(ranked)}; all: attn-conformance summary):" if more else ":"
+    lines = _wrap(head, width, "    ")
+    for key, n in listed:
+        note = f"; {intents[key]} as intents not realisable" if intents[key] else ""
+        lines += _wrap(f"{n:>6}  {key} [{', '.join(where[key])}{note}]", width, " " * 8)
+    return lines
+
+
+def _wrap(text: str, width: int, indent: str) -> list[str]:
+    return textwrap.wrap(text, width, subsequent_indent=indent, break_on_hyphens=False) or [""]
 
 
 def per_gpu(records: list[dict]) -> list[str]:
@@ -117,12 +182,13 @@ def coverage(records: list[dict]) -> list[str]:
     lines = ["coverage (cases run / intents not realisable / other skips):"]
     for b in backends:
         cells = [f"{ch} {c['run']}/{c['unrealisable']}/{c['skipped']}" for (bb, ch), c in counts.items() if bb == b]
-        lines.append(f"  {b}: " + ", ".join(cells))
+        lines += _wrap(f"  {b}: " + ", ".join(cells), WIDTH, "      ")
         ran = sum(c["run"] for (bb, ch), c in counts.items() if bb == b and ch in CORRECTNESS_CHECKS)
         checked = any(bb == b and ch in CORRECTNESS_CHECKS for bb, ch in counts)
         if checked and ran < MIN_REALISED:
-            lines.append(f"  !!! {b}: only {ran} correctness cases ran (minimum {MIN_REALISED}): this verdict covers "
-                         "little of what the kernel is used for; widen its declaration or add cases (--case)")
+            lines += _wrap(f"  !!! {b}: only {ran} correctness cases ran (minimum {MIN_REALISED}): this verdict covers "
+                           "little of what the kernel is used for; widen its declaration or add cases (--case)",
+                           WIDTH, "      ")
     return lines
 
 

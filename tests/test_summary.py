@@ -61,3 +61,60 @@ def test_groups_real_verdicts_by_their_diagnosis():
     lines = summary.failure_groups(records)
     assert "  scale-forgotten forward: 2 cases fail, all fit 'softmax scale not applied (scores unscaled)':" in lines
     assert any(line.startswith("  wrong-gqa-mapping forward: 2 cases fail, all fit 'GQA head mapping") for line in lines)
+
+
+def _case(backend, check, outcome="passed", reasons=None, fuzz=False):
+    r = {"record": "case", "backend": backend, "check": check, "outcome": outcome, "device": "cpu", "tier": "quick",
+         "fuzz": fuzz}
+    if reasons:
+        r["reasons"] = reasons
+    return r
+
+
+CHECKS = ["forward", "gradients", "causal", "sanity", "window", "softcap", "alibi", "varlen", "kvcache",
+          "determinism", "memory", "speed", "masks", "paged", "dropout"]
+
+
+def test_the_table_fits_100_columns_wrapped_by_checks_and_names_the_backends():
+    records = [_case(b, ch, outcome) for b in ("sdpa-efficient-long-name", "naive", "tiled")
+               for ch in CHECKS for outcome in ("passed", "failed", "skipped", "crashed", "not run")]
+    lines = summary.table(records)
+    assert lines[0] == "3 backends (cpu, tier quick): sdpa-efficient-long-name, naive, tiled"
+    assert all(len(line) <= 100 for line in lines), max(lines, key=len)
+    headers = [line.split() for line in lines if line.startswith("backend ")]
+    assert len(headers) >= 2  # wrapped into blocks of checks, each led by the backend column
+    assert [x for h in headers for x in h if x != "backend"] == [*CHECKS, "verdict", "other"]
+    rows = [line for line in lines if line.startswith("naive ")]
+    assert len(rows) == len(headers) and rows[0].split()[1] == "1/2/2"  # crashed as failed, not run as skipped
+    assert rows[-2].endswith("FAIL") and rows[-1].endswith("15 crashed, 15 not run")
+
+
+def test_skip_reasons_count_cases_and_all_are_available():
+    records = [_case("mine", "window", "skipped", [f"intent not realisable (window {i}, fp16 (x)): window not supported"])
+               for i in range(9)]
+    records += [_case("mine", "window", "skipped", ["window not supported"], fuzz=True)]
+    records += [_case("mine", "forward", "skipped", [f"reason {i}", "dtype fp16 not supported"]) for i in range(6)]
+    records += [_case("mine", "speed", "skipped", ["needs a GPU"]), _case("mine", "forward")]
+    lines = summary.table(records)
+    text = "\n".join(lines)
+    assert "skipped cases of mine: 17, by reason (top 5 of 9; all: attn-conformance summary):" in lines
+    assert "    10  window not supported [window, fuzz window; 9 as intents not realisable]" in lines
+    assert "     6  dtype fp16 not supported [forward]" in lines  # each case once per reason it gives
+    assert "needs a GPU" not in text
+    everything = summary.skip_reasons(records, "mine", shown=None)
+    assert "     1  needs a GPU [speed]" in everything and len(everything) == 1 + 9
+    assert len(summary.skip_reasons(records[:10] + records[-2:], "mine")) == 1 + 2  # all shown when few
+
+
+def test_the_journal_summary_lists_every_skip_reason(tmp_path, capsys):
+    from conformance import cli, results
+
+    journal = results.Journal(tmp_path / "j.jsonl", {"device": "cpu", "tier": "quick"})
+    for i in range(8):
+        journal.write(_case("mine", "forward", "skipped", [f"reason {i}"]))
+    journal.write(_case("mine", "forward"))
+    journal.write({"record": "end", "exitstatus": 0})
+    journal.close()
+    assert cli.main(["summary", str(tmp_path / "j.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert all(f"     1  reason {i} [forward]" in out for i in range(8)) and "all: attn-conformance" not in out
