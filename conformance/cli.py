@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                             "failed, did not finish, or had failing cases.")
     p.add_argument("journal", nargs="?", default="conformance-results.jsonl",
                    help="the results journal (default conformance-results.jsonl)")
+    p.add_argument("--run", default=None, metavar="RUN_ID",
+                   help="the run to summarise, by its id or the id's start (default: the last one; a rerun with "
+                        "--case or --check is added after the run before it)")
 
     p = commands.add_parser("certify", help="is this machine ready for the FlashAttention lab? (needs the [certify] "
                             "extra)", description="Is this machine ready for the FlashAttention lab? A report in "
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(backend_listing()))
         return 0
     if args.command == "summary":
-        return _summary(args.journal)
+        return _summary(args.journal, args.run)
     if args.command == "certify":
         return _certify(args)
     if args.command == "compare":
@@ -162,15 +165,19 @@ def _export(args) -> int:
     return 0
 
 
-def _summary(path: str) -> int:
+def _summary(path: str, run_id: str | None = None) -> int:
     from conformance import results, summary
 
     try:
-        journal = results.read(path)
+        journal = results.read(path, run_id)
     except results.ResultsFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     header, records = journal.header, journal.cases
+    if journal.others:
+        print(f"{path} holds {len(journal.others) + 1} runs; the others (--run RUN_ID to see one):")
+        for other in journal.others:
+            print(f"  run {other.get('run_id')} started {other.get('started')}: {summary.run_args(other)}")
     print(f"run {header.get('run_id')} started {header.get('started')}: device {header.get('device')}, "
           f"tier {header.get('tier')}, {len(records)} cases recorded")
     print("\n".join(summary.failure_groups(records) + summary.table(records, reasons_shown=None)))

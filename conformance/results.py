@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA = 1
@@ -30,13 +30,17 @@ def versions() -> dict:
 
 
 class Journal:
-    """Appends records to a JSON-lines file; the file is started afresh by each run."""
+    """Appends records to a JSON-lines file: started afresh by a run, or (``append``, a rerun of some
+    cases or checks) continued after the runs already there, each run under its own run id."""
 
-    def __init__(self, path: str | os.PathLike, header: dict):
+    def __init__(self, path: str | os.PathLike, header: dict, append: bool = False):
         self.path = Path(path)
         self.run_id = uuid.uuid4().hex[:12]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        torn = append and _ends_torn(self.path)
+        self._file = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        if torn:  # a run killed while writing its last line: that line stays torn, on a line of its own
+            self._file.write("\n")
         self.write({"record": "run", "schema": SCHEMA, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "argv": sys.argv, "versions": versions(), **header})
 
@@ -50,11 +54,25 @@ class Journal:
         self._file.close()
 
 
+def _ends_torn(path: Path) -> bool:
+    """The file exists, is not empty, and its last line has no newline."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
+
+
 @dataclass
 class JournalContents:
     header: dict
     cases: list[dict]
     end: dict | None  # None: the run did not finish
+    others: list[dict] = field(default_factory=list)  # the headers of the file's other runs, in order
 
     @property
     def complete(self) -> bool:
@@ -76,45 +94,70 @@ def _is_case(record: dict) -> bool:
             and all(isinstance(f, dict) and isinstance(f.get("message"), str) for f in record.get("findings", [])))
 
 
-def read(path: str | os.PathLike) -> JournalContents:
-    """The run header, the case records and the end record of a journal. A torn last line (a run killed
-    while writing it) is dropped; anything else wrong is a ResultsFileError naming the file, the line
-    and the fault."""
+def read_runs(path: str | os.PathLike) -> list[JournalContents]:
+    """Every run of a journal, in the order written: a run's header, case records and end record; a
+    rerun of some cases (``--case``, ``--check``) is appended after the run before it. A torn line (a
+    run killed while writing it) is dropped, at the file's end or just before the next run's header;
+    anything else wrong is a ResultsFileError naming the file, the line and the fault."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ResultsFileError(f"cannot read results file {path}: {exc}") from None
-    header, cases, end = None, [], None
+    runs: list[JournalContents] = []
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except RecursionError:
             raise ResultsFileError(f"results file {path}, line {number}: nested too deeply to be a record") from None
         except json.JSONDecodeError as exc:
-            if number == len(lines) and number > 1:
-                break
+            if number > 1 and (number == len(lines) or _is_header(lines[number])):
+                continue
             raise ResultsFileError(f"results file {path}, line {number}: not JSON ({exc.msg})") from None
         kind = record.get("record") if isinstance(record, dict) else None
-        if number == 1:
-            if kind != "run":
-                raise ResultsFileError(f"results file {path}: line 1 is not a run header; not a conformance journal")
+        run = runs[-1] if runs else None
+        if kind == "run":
             if record.get("schema") != SCHEMA:
                 raise ResultsFileError(f"results file {path}: schema {record.get('schema')!r}, this version reads "
                                        f"schema {SCHEMA}")
-            header = record
-        elif end is not None:
+            runs.append(JournalContents(record, [], None))
+        elif run is None:
+            raise ResultsFileError(f"results file {path}: line 1 is not a run header; not a conformance journal")
+        elif run.end is not None:
             raise ResultsFileError(f"results file {path}, line {number}: a record after the run's end record")
         elif kind == "case" and _is_case(record):
-            cases.append(record)
+            run.cases.append(record)
         elif kind == "end" and type(record.get("exitstatus")) is int:
-            end = record
+            run.end = record
         else:
             raise ResultsFileError(f"results file {path}, line {number}: not a case record (a case record needs "
                                    "string fields backend, check and outcome)")
-    if header is None:
+    if not runs:
         raise ResultsFileError(f"results file {path} is empty")
-    return JournalContents(header, cases, end)
+    for run in runs:
+        run.others = [r.header for r in runs if r is not run]
+    return runs
+
+
+def _is_header(line: str) -> bool:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(record, dict) and record.get("record") == "run"
+
+
+def read(path: str | os.PathLike, run_id: str | None = None) -> JournalContents:
+    """One run of a journal: the last one written, or the one whose run id starts with ``run_id``."""
+    runs = read_runs(path)
+    if run_id is None:
+        return runs[-1]
+    found = [r for r in runs if str(r.header.get("run_id", "")).startswith(run_id)]
+    if len(found) != 1:
+        ids = ", ".join(str(r.header.get("run_id")) for r in runs)
+        raise ResultsFileError(f"results file {path}: {'no' if not found else 'more than one'} run with id "
+                               f"{run_id!r} (its runs: {ids})")
+    return found[0]
 
 
 class ResultsFileError(Exception):
@@ -135,10 +178,11 @@ def _check_writable(path: str) -> None:
 class Recorder:
     """The run's case records, in memory for the summary and in the journal (opened at the first
     record, so a pytest run that holds no conformance test writes no file). An existing file is
-    replaced only if it is a journal: anything else at that path is refused, never overwritten."""
+    replaced only if it is a journal: anything else at that path is refused, never overwritten. With
+    ``append`` (a run narrowed by --case or --check: a rerun) the run is added after the file's runs."""
 
-    def __init__(self, path: str | None, header: dict):
-        self.path, self.header = path or None, header
+    def __init__(self, path: str | None, header: dict, append: bool = False):
+        self.path, self.header, self.append = path or None, header, append
         if self.path:
             _check_writable(self.path)
         if self.path and os.path.exists(self.path) and os.path.getsize(self.path):
@@ -159,7 +203,7 @@ class Recorder:
         self.records.append(record)
         if self.path:
             if self._journal is None:
-                self._journal = Journal(self.path, self.header)
+                self._journal = Journal(self.path, self.header, append=self.append)
             self._journal.write(record)
 
     def finish(self, exitstatus: int) -> None:

@@ -41,7 +41,8 @@ class ConformanceSession:
         self.worker, self.gpu = workerinput.get("workerid"), workerinput.get(workers.GPU_KEY)
         # under pytest-xdist the controller keeps the journal, from the records the workers' reports carry
         self.recorder = Recorder(None if self.worker else option("results_file"),
-                                 {"device": self.selection.device, "tier": self.selection.tier})
+                                 {"device": self.selection.device, "tier": self.selection.tier},
+                                 append=bool(option("check") or option("case")))  # a rerun keeps the runs before it
         self.crash_limit = option("crash_limit")
         self.fuzz_profile = option("fuzz")
         self.explicit = bool(option("check") or option("case"))  # skips the user asked for are no warning

@@ -119,6 +119,13 @@ def _wrap(text: str, width: int, indent: str) -> list[str]:
     return textwrap.wrap(text, width, subsequent_indent=indent, break_on_hyphens=False) or [""]
 
 
+def run_args(header: dict) -> str:
+    """The options a run was started with, from its journal header (the command line after the program)."""
+    argv = [str(a) for a in header.get("argv") or []][1:]
+    text = " ".join(argv) or "(no options)"
+    return text if len(text) <= 70 else text[:67] + "..."
+
+
 def per_gpu(records: list[dict]) -> list[str]:
     """Under pytest-xdist with one GPU per worker: counts per GPU, so one bad GPU is named, not averaged."""
     gpus: dict = defaultdict(Counter)
