@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                             "own, side by side, and --out holds a node report. Needs the [certify] extra: "
                             "pip install 'attention-conformance[certify]'.")
     p.add_argument("--out", default="certification", help="folder of the report (default certification/)")
-    p.add_argument("--size", choices=("full", "tiny"), default="full")
+    p.add_argument("--size", choices=("full", "tiny"), default=None,
+                   help="full: the lab's sizes (default with a GPU); tiny: seconds on a CPU (default without one)")
     p.add_argument("--memory-budget", type=float, default=16.0, metavar="GB")
     p.add_argument("--gpus", default="all", help="all (default) or a comma-separated list of CUDA_VISIBLE_DEVICES "
                    "entries")
@@ -109,7 +110,10 @@ def _certify(args) -> int:
               "pip install 'attention-conformance[certify]'", file=sys.stderr)
         return 2
     from conformance import workers
-    from conformance.certify.run import certify
+    from conformance.certify.run import certify, default_size
+
+    if args.size is None:
+        args.size = default_size()
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         print(f"error: --out {args.out} is a file; give a folder for the report", file=sys.stderr)

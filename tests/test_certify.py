@@ -2,9 +2,11 @@
 from per-GPU reports; contents are checked, not only that files exist."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,8 @@ CPU_BACKENDS = {"naive", "sdpa-math", "tiled"}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("certification")
-    done = subprocess.run([sys.executable, "-m", "conformance", "certify", "--size", "tiny", "--out", str(out)],
+    size = ["--size", "tiny"] if torch.cuda.is_available() else []  # on a CPU tiny is the default
+    done = subprocess.run([sys.executable, "-m", "conformance", "certify", *size, "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     return out, done
 
@@ -77,7 +80,28 @@ def test_report_page_embeds_every_plot(tiny):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000 for p in out.glob("*.png"))
     page = (out / "index.html").read_text()
     assert page.count("data:image/png;base64,") == len(plots) and "NOT CERTIFIED" in page
-    assert "GPT-2 Medium" in page or "GPT-2" in page
+    text = re.sub(r"<[^>]+>", " ", re.sub(r'<style>.*?</style>|src="data:[^"]*"', "", page, flags=re.S))
+    assert not re.search(r"\b(None|True|False)\b|[{}]", text), "raw Python values on the page"
+    assert "A GPT-2-style model of 2 layers, 4 heads, width 64" in text and "GPT-2 Medium training" not in text
+    assert "Measured on a CPU" in text and "Load average (1 minute)" in text
+
+
+def test_values_labels_and_caveats_read_as_words():
+    from conformance.certify import lab, report
+
+    assert [report.value(v) for v in (None, True, False, [], (2.1, 1.8), 0.123456, 1234.5)] == [
+        report.NONE, "yes", "no", report.NONE, "2.1 / 1.8", "0.123", "1234"]
+    assert report.value({"step_ms": 12.0, "loss": 10.8, "peak_gb": 2.25}) == "12 ms, peak 2.2 GB"
+    assert report.value({"oom": True}) == "out of memory"
+    env = {"torch": "2.13.0", "cuda_runtime": None, "triton": None, "flash-attn": "2.8.3", "xformers": None}
+    assert report.versions(env) == ("torch 2.13.0 (a CPU build, no CUDA) \u00b7 triton not installed \u00b7 "
+                                    "flash-attn 2.8.3 \u00b7 xformers not installed")
+    assert lab.gpt2_label(lab.PROFILES["full"]["gpt2"]).startswith("GPT-2 Medium (24 layers")
+    assert lab.gpt2_label(lab.PROFILES["tiny"]["gpt2"]).startswith("A GPT-2-style model of 2 layers")
+    busy = report.caveats({"device": "cuda", "load": {"cores": 2, "before": 3.5, "after": 4.0}})
+    assert len(busy) == 1 and "times are noisy" in busy[0]
+    quiet = report.caveats({"device": "cuda", "load": {"cores": 16, "before": 0.2, "after": 1.0}})
+    assert "noisy" not in quiet[0] and report.caveats({"device": "cpu"})[0].startswith("Measured on a CPU")
 
 
 def test_node_report_names_each_bad_gpu(tiny, tmp_path):
@@ -120,3 +144,28 @@ def test_a_lab_backend_whose_conformance_did_not_run_blocks_certification():
     assert "unrecognized arguments" in rows["sdpa-flash"]["first_failure"]
     records.append(record("flash", "gradients", "failed"))
     assert _conformance_rows(records, exits)[0][0]["blocking"]
+
+
+def test_plots_ratios_on_a_linear_axis_and_out_of_memory_in_the_legend(tmp_path, monkeypatch):
+    """The H100 example's data: two backends over the bound, two out of memory at the same length."""
+    import matplotlib.figure
+
+    from conformance.certify import report
+
+    data = json.loads((Path(__file__).parents[1] / "docs/example-certification-h100/report.json").read_text())
+    saved = {}
+
+    def savefig(fig, path, *args, **kwargs):
+        ax = fig.axes[0]
+        saved[Path(path).stem] = (ax.get_yscale(), [t.get_text() for t in ax.texts],
+                                  [t.get_text() for t in ax.get_legend().get_texts()], ax.get_ylim())
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    report._plots(data, tmp_path)
+    scale, labels, _, (low, high) = saved["errors"]
+    assert scale == "linear" and low == 0 and high < 4
+    assert "0.50" in labels and any(label.endswith("(cut)") for label in labels)  # 224x over is cut, its value shown
+    for name in ("latency", "memory", "tflops"):
+        _, texts, legend, _ = saved[name]
+        assert not any("OOM" in t for t in texts)  # no labels on the plot to collide
+        assert sum("out of memory at 32768" in t for t in legend) == 4  # naive and sdpa-math, both modes

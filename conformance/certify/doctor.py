@@ -92,7 +92,7 @@ def problems(env: dict, rows: list[dict]) -> list[Problem]:
     if not env["gpus"]:
         found.append(Problem("fail", "no GPU", f"torch {env['torch']} sees no CUDA GPU: GPU certification needs a GPU; "
                              "only the CPU backends were checked", "run certify on the lab machine, with a CUDA "
-                             "build of torch (torch.version.cuda is None on a CPU build)"))
+                             "build of torch (a CPU build has no torch.version.cuda)"))
     for gpu in env["gpus"]:
         major, minor = map(int, gpu["compute_capability"].split("."))
         if (major, minor) < (8, 0):

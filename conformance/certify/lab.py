@@ -27,6 +27,22 @@ PROFILES = {
 }
 
 
+GPT2_MEDIUM = dict(n_layer=24, n_head=16, n_embd=1024)
+
+
+def gpt2_label(config: dict) -> str:
+    """The model's name true to what runs: GPT-2 Medium only at its configuration."""
+    shape = f"{config['n_layer']} layers, {config['n_head']} heads, width {config['n_embd']}"
+    if config == GPT2_MEDIUM:
+        return f"GPT-2 Medium ({shape})"
+    return f"A GPT-2-style model of {shape} (the lab's GPT-2 Medium has 24 layers, 16 heads, width 1024)"
+
+
+def model_label(config: dict) -> str:
+    """The RoPE model's configuration in words."""
+    return f"{config['layers']} layers, width {config['width']}, {config['heads']} heads"
+
+
 def _oom(exc: BaseException) -> bool:
     return classify(exc) is OutOfMemory
 
@@ -65,8 +81,8 @@ def _gpt2(config: dict, positions: int, impl: str, device: str, dtype):
 
 
 def gpt2_table(device: str, dtype, profile: dict, impls) -> list[dict]:
-    """GPT-2 Medium (randomly initialised, nothing downloaded), batch 4: training step time and peak
-    memory per attention implementation and sequence length."""
+    """GPT-2 of the profile's configuration (Medium in "full"; randomly initialised, nothing downloaded):
+    training step time and peak memory per attention implementation and sequence length."""
     rows = []
     for n in profile["gpt2_lengths"]:
         row = {"seqlen": n, "notes_speedup": NOTES_GPT2_SPEEDUP.get(n), "notes_memory_gb": NOTES_GPT2_MEMORY_GB.get(n)}

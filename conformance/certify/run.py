@@ -8,6 +8,7 @@ quick tier. Other backends' failures are reported, not blocking: they do not sto
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from conformance import registry, results
+from conformance import registry, results, threads
 from conformance.certify import doctor, lab, report, snapshot
 from conformance.checks import CORRECTNESS_CHECKS
 
@@ -73,6 +74,12 @@ def _conformance_rows(records: list[dict], exits: dict) -> tuple[list[dict], dic
     return rows, ratios
 
 
+def default_size() -> str:
+    """The lab's sizes on a GPU; on a CPU the tiny ones (the full ones take many minutes and prove nothing
+    about a GPU machine)."""
+    return "full" if torch.cuda.is_available() else "tiny"
+
+
 def certify(out: Path, size: str = "full", budget_gb: float = 16.0) -> int:
     from rich.console import Console
     from rich.progress import Progress
@@ -82,7 +89,8 @@ def certify(out: Path, size: str = "full", budget_gb: float = 16.0) -> int:
     dtype_name, dtype = ("bf16", torch.bfloat16) if device == "cuda" else ("fp32", torch.float32)
     profile = lab.PROFILES[size]
     out.mkdir(parents=True, exist_ok=True)
-    data: dict = {"created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": device, "size": size}
+    data: dict = {"created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": device, "size": size,
+                  "load": {"cores": threads.cores_available(), "before": _load()}}
     with Progress(console=console) as progress:
         task = progress.add_task("environment doctor", total=5)
 
@@ -110,15 +118,17 @@ def certify(out: Path, size: str = "full", budget_gb: float = 16.0) -> int:
             "forward_config": f"batch {profile['forward_batch']}, 16 heads, head dim 64, {dtype_name}, "
                               f"standard = naive, flash = {fast.name if fast else 'none'}",
             "forward": lab.forward_table(backends["naive"], fast, device, dtype_name, profile) if fast else [],
-            "gpt2_config": ", ".join(f"{k} {v}" for k, v in profile["gpt2"].items()) + f", {dtype_name}, AdamW",
+            "gpt2_model": lab.gpt2_label(profile["gpt2"]),
+            "gpt2_config": f"{dtype_name}, AdamW, randomly initialised",
             "gpt2_batch": profile["gpt2_batch"], "gpt2_impls": impls,
             "gpt2": lab.gpt2_table(device, dtype, profile, impls),
-            "long_config": f"{profile['long_model']}, batch 1, {dtype_name}, budget {budget_gb:g} GB",
+            "long_config": f"{lab.model_label(profile['long_model'])}, batch 1, {dtype_name}, budget {budget_gb:g} GB",
             "long": lab.long_sequence_table({"naive": backends["naive"], **({fast.name: fast} if fast else {})},
                                             device, dtype, profile, budget_gb),
         }
         lab_data["long_verdict"] = _long_verdict(lab_data["long"], device)
         step("report")
+        data["load"]["after"] = _load()
         blocking = [p for p in problems if p.level == "fail"] + [r for r in conformance_rows if r["blocking"]]
         missing = [n for n in LAB_BACKENDS if n not in usable and (n != "flash" or env.get("flash-attn"))]
         certified = device == "cuda" and not blocking and not missing
@@ -141,6 +151,14 @@ def certify(out: Path, size: str = "full", budget_gb: float = 16.0) -> int:
     console.print(f"[{'green' if certified else 'red'}]{'CERTIFIED' if certified else 'NOT CERTIFIED'}[/]: {summary}")
     console.print(f"report: {page}")
     return 0 if certified else 1
+
+
+def _load() -> float | None:
+    """The machine's 1-minute load average (None where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _long_verdict(rows: list[dict], device: str) -> str:

@@ -29,8 +29,10 @@ def _point(backend, case: Case, device: str) -> dict:
                 t.grad = None
 
         samples, _, _ = time_calls(run, device, warmup=1, budget_s=0.15, min_reps=3, max_reps=30, before=reset)
-        ms = summarize(samples)["median_ms"]
+        stats = summarize(samples)
+        ms = stats["median_ms"]
         point[f"{mode}_ms"] = ms
+        point[f"{mode}_q1_ms"], point[f"{mode}_q3_ms"] = stats["q1_ms"], stats["q3_ms"]  # the spread
         point[f"{mode}_tflops"] = speed_verdict.flops(case, mode) / (ms * 1e9)
         reset(0)
         point[f"{mode}_peak_bytes"] = memory_meter.peak_extra_bytes(lambda: run(0), device)
