@@ -284,7 +284,8 @@ class Conformance:
         if not records:
             return
         terminalreporter.write_sep("=", "attention conformance")
-        for line in (summary.failure_groups(records) + summary.table(records) + summary.coverage(records)
+        exact = bool(self.session.selection.case_ids)
+        for line in (summary.failure_groups(records) + summary.table(records) + summary.coverage(records, exact)
                      + summary.measurements(records)):
             terminalreporter.write_line(line)
         if self.session.recorder.path:

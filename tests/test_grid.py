@@ -108,6 +108,10 @@ def test_a_backend_with_few_realised_cases_is_named_loudly(pytester):
     result = pytester.runpytest("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "--tier=quick",
                                 "--backend=narrow.py:attention", "--check=sanity", "--fuzz=off", "--isolation=none")
     result.stdout.fnmatch_lines(["*!!! narrow.py:attention: only * correctness cases ran (minimum 20)*"])
+    rerun = pytester.runpytest("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "--backend=naive",
+                               "--check=forward", "--case=b1_q16_k16_h2_d16_fp32_seed1", "--isolation=none")
+    rerun.assert_outcomes(passed=1)
+    rerun.stdout.no_fnmatch_line("*!!! *only*correctness cases ran*")  # the user chose the cases
 
 
 def long_half(tier):
