@@ -546,3 +546,26 @@ MUTANTS += [
     _mutant(dropout_at_zero, "dropout", "dropout-zero", _naive_caps(attn_bias=False, bias_grad=False)),
     _mutant(dropout_fixed_mask, "dropout", "dropout-varies", _naive_caps(attn_bias=False, bias_grad=False)),
 ]
+
+
+class _WritesQInBackward(torch.autograd.Function):
+    """Passes the output through; its backward adds to q's storage (as a kernel writing dq into q)."""
+
+    @staticmethod
+    def forward(ctx, q, out):
+        ctx.q = q
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.q.data.add_(1.0)
+        return None, grad
+
+
+def backward_writes_q(q, k, v, **kwargs):
+    """Right forward; its backward writes into the caller's q."""
+    out = naive.attention(q, k, v, **kwargs)
+    return _WritesQInBackward.apply(q, out) if out.requires_grad else out
+
+
+MUTANTS += [_mutant(backward_writes_q, "gradients", "inputs-unmodified", _naive_caps(attn_bias=False, bias_grad=False))]

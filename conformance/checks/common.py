@@ -22,6 +22,11 @@ def compare_gradients(backend: Backend, case: Case, device: str, verdict: Verdic
         verdict.fail("backward", "output is not differentiable (no autograd graph) although backward is declared")
         return
     grads = torch.autograd.grad(out, (inputs.q, inputs.k, inputs.v), inputs.dout)
+    pristine = make_inputs(case, device)  # a backward may not write into its inputs either (a training step's weights)
+    for name, got, want in zip(("q", "k", "v", "dout"), (inputs.q, inputs.k, inputs.v, inputs.dout),
+                               (pristine.q, pristine.k, pristine.v, pristine.dout)):
+        if not bool(bitwise_equal(got.detach(), want).all()):
+            verdict.fail("inputs-unmodified", f"the backward modified its input {name} in place")
     exp = expected(case, device, backend.capabilities.masked_rows, True, backend.capabilities.accumulation)
     comparisons = [compare(name, grad, ref, err, mag, case.torch_dtype, GRADIENT_MULTIPLE,
                            max(case.seqlen_q, case.seqlen_k), exp.logit_magnitude)
