@@ -59,12 +59,16 @@ def cases(tier: str) -> list[Case]:
     return grid.nominal(intents(), tier)
 
 
-def _standard_error_sq(case: Case, inputs) -> torch.Tensor:
-    """The variance of one call's output, elementwise: p/(1-p) * Σ_j P_ij² V_jd² (float64)."""
+def _standard_error_sq(case: Case, inputs, masked_rows: str) -> torch.Tensor:
+    """The variance of one call's output, elementwise: p/(1-p) * Σ_j P_ij² V_jd² (float64). A row that
+    sees no key and is declared the mean of V is dropout over uniform weights: it varies too."""
     q, k, v = (t.detach().to(torch.float64) for t in (inputs.q, inputs.k, inputs.v))
     kx, vx = reference._expand(k, v, case)
     scores, _ = reference._masked_scores(q, kx, case, "scale_q")
     probs = reference._zero_masked_rows(torch.softmax(scores, dim=-1), case)
+    empty = reference.fully_masked_rows(case, q.device)
+    if empty is not None and masked_rows == "mean_v":
+        probs = torch.where(empty.view(-1, 1), 1.0 / case.seqlen_k, probs)
     return P / (1 - P) * torch.einsum("bhqk,bkhd->bqhd", probs**2, vx**2)
 
 
@@ -78,7 +82,7 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     if not bool(torch.equal(outs[0], outs[-1]) or (outs[0].isnan() & outs[-1].isnan()).all()):
         verdict.fail("dropout-seeded", f"two calls with the same seed ({seed}) gave different outputs: max "
                                        f"difference {float((outs[0] - outs[-1]).abs().nan_to_num(0).max()):.3e}")
-    one_call_var = _standard_error_sq(case, inputs).to(outs.device)
+    one_call_var = _standard_error_sq(case, inputs, backend.capabilities.masked_rows).to(outs.device)
     if float(one_call_var.max()) > 1e-6 and all(torch.equal(outs[0], o) for o in outs[1:SAMPLES]):
         verdict.fail("dropout-varies", f"calls with {SAMPLES} seeds ({seed}...) gave bitwise the same output: the "
                                        "dropout mask ignores the seed")
