@@ -199,20 +199,25 @@ def _too_big(case: Case) -> bool:
             or case.cache_seqlens is not None)
 
 
-def diagnose_output(case: Case, out: torch.Tensor, masked_rows: str, comparison: Comparison) -> Diagnosis | None:
-    """The hypothesis the failed ``comparison`` of ``out`` fits, else the wrong rows described, else None."""
+def diagnose_output(case: Case, out: torch.Tensor, masked_rows: str, comparison: Comparison,
+                    bound: torch.Tensor | None = None) -> Diagnosis | None:
+    """The hypothesis the failed ``comparison`` of ``out`` fits, else the wrong rows described, else None.
+    ``bound``: what each element is held to where it differs by row ((1, seqlen_q, 1, 1), forward.py's
+    classes of rows); the comparison's bound otherwise."""
     if _too_big(case):
         return None
     inputs = make_inputs(case, out.device)
     q, k, v = (t.detach().to(torch.float64) for t in (inputs.q, inputs.k, inputs.v))
     actual = out.detach().to(torch.float64)
-    bound = max(comparison.bound, 1e-300)
-    given = float("inf") if comparison.nonfinite else comparison.error / bound
+    bound = max(comparison.bound, 1e-300) if bound is None else bound.to(actual.device).clamp_min(1e-300)
+    given = float("inf") if comparison.nonfinite else comparison.error / max(comparison.bound, 1e-300)
     scored, errors = [], {}
     for h in hypotheses(case, masked_rows):
         with torch.no_grad():
-            err, nonfinite = _mismatch(actual, h.fn(q, k, v))
-        scored.append((err / bound, nonfinite == 0, h))
+            alt = h.fn(q, k, v)
+            err, nonfinite = _mismatch(actual, alt)
+            scaled = err if isinstance(bound, float) else _mismatch(actual / bound, alt / bound)[0]
+        scored.append((scaled / (bound if isinstance(bound, float) else 1.0), nonfinite == 0, h))
         errors[id(h)] = err
     picked = _pick(scored, given)
     if picked is not None:
@@ -220,7 +225,7 @@ def diagnose_output(case: Case, out: torch.Tensor, masked_rows: str, comparison:
         return Diagnosis(h.label, f"your output equals the reference computed with {h.detail} (max abs error "
                                   f"{errors[id(h)]:.3e}, {how})")
     ref = reference.attention(q, k, v, _plain(case), upcast=True, masked_rows=masked_rows)
-    return describe_rows(case, actual, ref, v, comparison.bound)
+    return describe_rows(case, actual, ref, v, bound)
 
 
 def _ranges(indices: list[int]) -> str:
@@ -235,10 +240,11 @@ def _ranges(indices: list[int]) -> str:
     return text + (f" and {len(parts) - 4} more ranges" if len(parts) > 4 else "")
 
 
-def describe_rows(case: Case, actual: torch.Tensor, ref: torch.Tensor, v: torch.Tensor, bound: float
-                  ) -> Diagnosis | None:
+def describe_rows(case: Case, actual: torch.Tensor, ref: torch.Tensor, v: torch.Tensor,
+                  bound: float | torch.Tensor) -> Diagnosis | None:
     """Which query rows differ (beyond the bound, or in being finite) and what they hold; None when
-    every row differs with nothing recognisable in them."""
+    every row differs with nothing recognisable in them. ``bound``: a number, or one per query row
+    broadcast as (1, seqlen_q, 1, 1)."""
     bad = ~(((actual - ref).abs() <= bound) | (torch.isnan(actual) & torch.isnan(ref)))  # (b, s, h, d)
     bad_rows = bad.flatten(2).any(-1).any(0)
     rows = bad_rows.nonzero().flatten().tolist()
@@ -253,10 +259,11 @@ def describe_rows(case: Case, actual: torch.Tensor, ref: torch.Tensor, v: torch.
         holds = "NaN"
     elif bool((sel == 0).all()):
         holds = "zeros"
-    elif bool(((sel - mean_v).abs() <= bound).all()):
+    elif bool(((sel - mean_v).abs() <= (bound if isinstance(bound, float) else bound[:, bad_rows])).all()):
         holds = "the mean of V"
     else:
-        holds, example = _other_rows(actual, ref, rows, bound) or (None, "")
+        holds, example = _other_rows(actual, ref, rows, bound if isinstance(bound, float)
+                                     else float(bound[:, rows].min())) or (None, "")
     if len(rows) == sq and holds is None:
         return None
     if len(rows) == sq:

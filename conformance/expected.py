@@ -29,6 +29,18 @@ class Expected:
     grads: tuple[torch.Tensor, ...] | None  # float64 dq, dk, dv
     grad_torch_errors: tuple[float, ...] | None
     grad_magnitudes: tuple[float, ...] | None
+    # causal masks and windows: the output's rows by how many keys they see (reference.length_classes),
+    # each with its own yardstick error and terms' magnitude; None when all rows see as many keys
+    out_classes: tuple[RowClass, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RowClass:
+    fewest: int  # keys the rows of the class see, at least and at most
+    most: int
+    rows: torch.Tensor  # query row indices
+    torch_error: float
+    magnitude: float
 
 
 def _attention_and_grads(inputs: Inputs, case: Case, grads: bool, upcast: bool = True, **kwargs):
@@ -83,6 +95,8 @@ def expected_for(inputs: Inputs, case: Case, masked_rows: str, grads: bool, accu
     """For given inputs of the case's shape (a sequence cut from a packed batch, a filled KV cache)."""
     out, ref_grads = _attention_and_grads(inputs, case, grads, masked_rows=masked_rows)
     out_err, grad_errs = 0.0, [0.0, 0.0, 0.0]
+    classes = reference.length_classes(case, out.device)
+    class_errs = [0.0] * len(classes or ())
     for precision in gradient_precisions(case.torch_dtype, accumulation) if grads else \
             yardstick_precisions(case.torch_dtype, accumulation):
         # the tensor-core rounding of P is one more variant of the two orders kernels use
@@ -92,11 +106,18 @@ def expected_for(inputs: Inputs, case: Case, masked_rows: str, grads: bool, accu
                                                   order=order, precision=precision)
             if precision in yardstick_precisions(case.torch_dtype, accumulation):
                 out_err = max(out_err, max_abs_error(p_out, out))
+                class_errs = [max(e, max_abs_error(p_out[:, rows], out[:, rows]))
+                              for e, (_, _, rows) in zip(class_errs, classes or ())]
             if grads:
                 flash_grads = reference.flash_backward(inputs.q, inputs.k, inputs.v, inputs.dout, case,
                                                        masked_rows=masked_rows, order=order, precision=precision)
                 grad_errs = [max(e, max_abs_error(g1, r), max_abs_error(g2, r))
                              for e, g1, g2, r in zip(grad_errs, p_grads, flash_grads, ref_grads)]
     magnitudes = reference.term_magnitudes(inputs.q, inputs.k, inputs.v, inputs.dout, case, masked_rows)
+    out_classes = None
+    if classes:
+        row_terms = reference.output_row_magnitudes(inputs.q, inputs.k, inputs.v, case, masked_rows)
+        out_classes = tuple(RowClass(lo, hi, rows, err, float(row_terms[rows].max()))
+                            for (lo, hi, rows), err in zip(classes, class_errs))
     return Expected(out, out_err, magnitudes[0], magnitudes[4], ref_grads, tuple(grad_errs) if grads else None,
-                    magnitudes[1:4] if grads else None)
+                    magnitudes[1:4] if grads else None, out_classes)

@@ -73,6 +73,39 @@ def fully_masked_rows(case: Case, device=None) -> torch.Tensor | None:
     return rows if bool(rows.any()) else None
 
 
+MIN_CLASS_ROWS = 16
+
+
+def length_classes(case: Case, device=None) -> list[tuple[int, int, torch.Tensor]] | None:
+    """The query rows grouped by how many keys each may attend to, in powers of two (1, 2-3, 4-7, ...;
+    a class of fewer than ``MIN_CLASS_ROWS`` rows joined to the next; rows that see no key on their
+    own): (fewest, most, row indices) per class. None when every row sees
+    as many keys as the others (no causal mask or window). The tolerance rule holds each class to the
+    errors of its own rows (tolerance.py): under a causal mask the first rows average a few values and
+    are large, the last average thousands and are small, and one bound for both is the first rows'."""
+    bounds = key_range(case, device)
+    if bounds is None:
+        return None
+    count = (bounds[1] - bounds[0] + 1).clamp_min(0)
+    label = torch.where(count > 0, torch.log2(count.clamp_min(1).double()).floor().long(), -1)
+    groups = [(label == c).nonzero().flatten() for c in label.unique().tolist()]
+    if label.min() < 0:  # rows that see no key hold the declared value: a class of their own
+        empty, groups = [groups[0]], groups[1:]
+    else:
+        empty = []
+    # a class of a few rows has a noisy yardstick (the largest of few errors): merged with the next
+    merged = []
+    for rows in groups:
+        if merged and len(merged[-1]) < MIN_CLASS_ROWS:
+            merged[-1] = torch.cat([merged[-1], rows])
+        else:
+            merged.append(rows)
+    if len(merged) > 1 and len(merged[-1]) < MIN_CLASS_ROWS:
+        merged[-2:] = [torch.cat(merged[-2:])]
+    classes = [(int(count[rows].min()), int(count[rows].max()), rows) for rows in empty + merged]
+    return classes if len(classes) > 1 else None
+
+
 def _rows_bqh1(empty: torch.Tensor) -> torch.Tensor:
     """fully_masked_rows' result laid out to broadcast over (batch, seqlen_q, heads, head_dim)."""
     return empty.view(1, -1, 1, 1) if empty.dim() == 1 else empty.transpose(1, 2).unsqueeze(-1)
@@ -258,6 +291,28 @@ def flash_backward(q, k, v, dout, case: Case, *, masked_rows: str = "zeros", ord
     return (*grads, dbias.to(dtype)) if with_dbias else grads
 
 
+def _reference_probs(q, kx, case: Case, masked_rows: str):
+    """float64 probabilities, a masked row's as its declared value is made (uniform for mean_v)."""
+    scores, _ = _masked_scores(q, kx, case, "scale_q")
+    probs = _zero_masked_rows(torch.softmax(scores, dim=-1), case)
+    empty = fully_masked_rows(case, q.device)
+    if empty is not None and masked_rows == "mean_v":
+        probs = torch.where(empty.unsqueeze(-1), 1.0 / case.seqlen_k, probs)
+    return probs
+
+
+def output_terms(probs, vx) -> torch.Tensor:
+    """|P|·|V|: per output element, the sum of the absolute values of its terms, (b, sq, h, d)."""
+    return torch.einsum("bhqk,bkhd->bqhd", probs, vx.abs())
+
+
+def output_row_magnitudes(q, k, v, case: Case, masked_rows: str = "zeros") -> torch.Tensor:
+    """term_magnitudes' output term, per query row (the largest over batch, heads and head dim)."""
+    q, k, v = (t.detach().to(torch.float64) for t in (q, k, v))
+    kx, vx = _expand(k, v, case)
+    return output_terms(_reference_probs(q, kx, case, masked_rows), vx).amax(dim=(0, 2, 3))
+
+
 def term_magnitudes(q, k, v, dout, case: Case, masked_rows: str = "zeros") -> tuple[float, float, float, float, float]:
     """For out, dq, dk, dv: the largest sum of absolute values of the terms that make one element
     (|P|·|V| for out; scale·|P∘(|dO|·|V| + |dO|·|O|)|·|K| for dq, where dP = dO·V and D = dO·O are
@@ -267,11 +322,7 @@ def term_magnitudes(q, k, v, dout, case: Case, masked_rows: str = "zeros") -> tu
     q, k, v, dout = (t.detach().to(torch.float64) for t in (q, k, v, dout))
     b, sq, h, d = q.shape
     kx, vx = _expand(k, v, case)
-    scores, _ = _masked_scores(q, kx, case, "scale_q")
-    probs = _zero_masked_rows(torch.softmax(scores, dim=-1), case)
-    empty = fully_masked_rows(case, q.device)
-    if empty is not None and masked_rows == "mean_v":
-        probs = torch.where(empty.unsqueeze(-1), 1.0 / case.seqlen_k, probs)
+    probs = _reference_probs(q, kx, case, masked_rows)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vx)
     delta = (dout.abs() * out.abs()).sum(-1).transpose(1, 2).unsqueeze(-1)
     ds = probs * (torch.einsum("bqhd,bkhd->bhqk", dout.abs(), vx.abs()) + delta)
@@ -280,7 +331,7 @@ def term_magnitudes(q, k, v, dout, case: Case, masked_rows: str = "zeros") -> tu
     def grouped(t):  # (b, sk, h, d) -> (b, sk, hk, d), summed over the query heads sharing a kv head
         return t.reshape(b, case.seqlen_k, case.nheads_k, group, d).sum(3)
 
-    return (float(torch.einsum("bhqk,bkhd->bqhd", probs, vx.abs()).max()),
+    return (float(output_terms(probs, vx).max()),
             case.scale * float(torch.einsum("bhqk,bkhd->bqhd", ds, kx.abs()).max()),
             case.scale * float(grouped(torch.einsum("bhqk,bqhd->bkhd", ds, q.abs())).max()),
             float(grouped(torch.einsum("bhqk,bqhd->bkhd", probs, dout.abs())).max()),

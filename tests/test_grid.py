@@ -117,16 +117,17 @@ def test_a_backend_with_few_realised_cases_is_named_loudly(pytester):
 def long_half(tier):
     return [r.case for r in grid.for_backend(CHECKS["forward"], tiled.BACKEND.capabilities, "cpu", tier)
             if r.case is not None and r.case.dtype in ("fp16", "bf16") and r.case.seqlen_k >= 2048
-            and r.case.causal is None and r.case.seqlen_q > 1]
+            and r.case.seqlen_q > 1]
 
 
 def test_long_half_precision_cases_catch_a_half_precision_accumulator():
     quick, standard = long_half("quick"), long_half("standard")
     assert {c.dtype for c in quick} == {"fp16", "bf16"}
-    assert {c.dtype for c in standard if c.seqlen_k >= 4096} == {"fp16", "bf16"}
+    assert {(c.dtype, c.causal) for c in standard if c.seqlen_k >= 4096} == {
+        (dt, causal) for dt in ("fp16", "bf16") for causal in (None, "bottom_right")}
     mutant = PRECISION_MUTANTS[0]
     for case in standard:
-        if case.seqlen_k >= 4096:
+        if case.seqlen_k >= 4096:  # causal too: each class of rows is held to its own errors
             assert mutant.prop in execute(mutant.check, mutant.backend, case, "cpu").failed_properties, case.id
     for backend in (tiled.BACKEND, sdpa_math.BACKEND, naive.BACKEND):
         for case in quick:

@@ -79,3 +79,16 @@ def test_term_magnitudes_bound_the_result_and_survive_its_cancellation():
     for result, magnitude in zip((out, dq, dk, dv), mags):
         assert float(result.abs().max()) <= magnitude * (1 + 1e-12)
     assert float(dq.abs().max()) < 1e-10 < mags[1]
+
+
+def test_length_classes_group_rows_by_the_keys_they_see():
+    causal = Case(batch=1, seqlen_q=4096, seqlen_k=4096, nheads=1, head_dim=16, causal="bottom_right")
+    classes = reference.length_classes(causal)
+    assert [(lo, hi, len(rows)) for lo, hi, rows in classes] == [
+        (1, 31, 31), (32, 63, 32), (64, 127, 64), (128, 255, 128), (256, 511, 256), (512, 1023, 512),
+        (1024, 2047, 1024), (2048, 4096, 2049)]  # the few first and the one last row join their neighbours
+    assert sorted(torch.cat([rows for _, _, rows in classes]).tolist()) == list(range(4096))
+    empty = reference.length_classes(causal.replace(seqlen_q=129, seqlen_k=17))
+    assert [(lo, hi, len(rows)) for lo, hi, rows in empty] == [(0, 0, 112), (1, 17, 17)]
+    assert reference.length_classes(causal.replace(causal=None)) is None  # every row sees every key
+    assert reference.length_classes(causal.replace(seqlen_q=65, seqlen_k=65, causal=None, window=(8, 0))) is None

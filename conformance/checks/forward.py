@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -92,18 +93,33 @@ def output_comparison(backend: Backend, case: Case, device: str, out=None, diagn
         out = call(backend, inputs.q, inputs.k, inputs.v, case)
     caps = backend.capabilities
     exp = expected(case, device, caps.masked_rows, False, caps.accumulation)
-    comparison = _compare(out, exp, case)
+    comparison, bounds = _compare(out, exp, case)
     if comparison.passed or not diagnose:
         return comparison
-    found = diagnosis.diagnose_output(case, out, caps.masked_rows, comparison)
+    found = diagnosis.diagnose_output(case, out, caps.masked_rows, comparison, bounds)
     if found is None and called:
         found = _second_opinion(backend, case, device, exp, comparison)
     return diagnosis.diagnosed(comparison, found)
 
 
-def _compare(out, exp, case: Case) -> Comparison:
-    return compare("out", out, exp.out, exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
-                   FORWARD_MULTIPLE, max(case.seqlen_q, case.seqlen_k), exp.logit_magnitude)
+def _compare(out, exp, case: Case) -> tuple[Comparison, torch.Tensor | None]:
+    """The rule over the whole output, or, under a causal mask or window, over each class of rows that
+    see like numbers of keys (expected.RowClass): the comparison nearest its bound (or furthest past
+    it), and then each row's bound, (1, seqlen_q, 1, 1), for the diagnosis."""
+    n = max(case.seqlen_q, case.seqlen_k)
+    if exp.out_classes is None:
+        return compare("out", out, exp.out, exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
+                       FORWARD_MULTIPLE, n, exp.logit_magnitude), None
+    out = out.detach().to(exp.out.device)
+    bounds = torch.empty(1, case.seqlen_q, 1, 1, dtype=torch.float64)
+    parts = []
+    for c in exp.out_classes:
+        rows = f"query rows seeing {c.fewest}-{c.most} keys" if c.fewest < c.most else \
+            f"query rows seeing {c.most} key{'s' if c.most != 1 else ''}" if c.most else "query rows seeing no key"
+        parts.append(compare(f"out ({rows})", out[:, c.rows], exp.out[:, c.rows], c.torch_error, c.magnitude,
+                             case.torch_dtype, FORWARD_MULTIPLE, n, exp.logit_magnitude))
+        bounds[:, c.rows.cpu()] = parts[-1].bound
+    return max(parts, key=lambda c: math.inf if c.nonfinite else c.error / max(c.bound, 1e-300)), bounds
 
 
 def _second_opinion(backend: Backend, case: Case, device: str, exp, first: Comparison):
@@ -116,7 +132,7 @@ def _second_opinion(backend: Backend, case: Case, device: str, exp, first: Compa
     again = expected_for(inputs.clone(), case, caps.masked_rows, False, caps.accumulation)
     if not torch.equal(again.out, exp.out) or again.out_torch_error != exp.out_torch_error:
         raise RuntimeError(f"the reference for {case.id} changed between two computations: the suite is at fault")
-    second = _compare(call(backend, inputs.q, inputs.k, inputs.v, case), exp, case)
+    second, _ = _compare(call(backend, inputs.q, inputs.k, inputs.v, case), exp, case)
     if not second.passed:
         return None
     return diagnosis.Diagnosis("transient", f"a second call on fresh copies of the same inputs was within the bound "
