@@ -101,12 +101,12 @@ def _draw_attn_bias(draw, fields, max_seqlen):
 
 def _draw_page(draw, fields, max_seqlen):
     """A paged cache, one draw in two, for a KV-cache case (a no-op without cache_seqlens): block sizes of
-    the usual kernels' multiples (16, and flash-attn's 256); the capacity rounded up to a whole block."""
+    the usual kernels' sizes (16 to 128, and flash-attn's 256); the capacity rounded up to a whole block."""
     from hypothesis import strategies as st
 
     if fields.get("cache_seqlens") is None or not draw(st.booleans()):
         return
-    page = draw(st.sampled_from((16, 32, 256)))
+    page = draw(st.sampled_from((16, 32, 64, 128, 256)))
     fields.update(page_block=page, seqlen_k=-(-fields["seqlen_k"] // page) * page)
 
 

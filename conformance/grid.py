@@ -15,6 +15,8 @@ an intent into a case the backend declares, or into the reasons it cannot:
   rounding made them equal); a backend declaring equal seqlens cannot realise an unequal intent.
 - causal alignment: where seqlen_q != seqlen_k and the nominal alignment is not declared, the declared
   one (unless pinned).
+- paged KV block size: the next declared multiple (16 and 64 -> 256 for flash-attn 2.x), with as many
+  blocks per item and each cache length as far from its block's end as the intent's.
 Everything else the intent has (causal, GQA, scale, layout, magnitude, window...) is kept; if the
 backend does not declare it, the intent is not realisable, with the declaration's reasons.
 
@@ -137,13 +139,33 @@ def realise(it: Intent, caps: Capabilities, device: str, needs: tuple[str, ...] 
     if reasons:
         return reasons
     changes = dict(dtype=dtype, head_dim=head_dim, seqlen_q=sq, seqlen_k=sk, causal=causal, varlen=varlen)
-    if c.cache_seqlens is not None:
-        changes["cache_seqlens"] = tuple(min(n, sk - sq) for n in c.cache_seqlens)
+    cache = c.cache_seqlens
+    if c.page_block is not None:
+        changes["page_block"], sk, cache = _paged(c, caps.page_block_multiple, m, sk)
+        changes["seqlen_k"] = sk
+    if cache is not None:
+        changes["cache_seqlens"] = tuple(min(n, sk - sq) for n in cache)
     try:
         case = c.replace(**changes).seeded()
     except ValueError as exc:
         return [str(exc)]
     return list(dict.fromkeys(caps.not_supported_reasons(case, device, needs))) or case
+
+
+def _paged(c: Case, page_multiple: int, seqlen_multiple: int, sk: int) -> tuple[int, int, tuple[int, ...]]:
+    """A paged cache's block size in the declared multiple (16 -> 256 for flash-attn 2.x), with as many
+    blocks per item as the intent's, each cache length at the same distance from its block's end (a length
+    ending inside a block, or new tokens crossing a boundary, still does): (page_block, seqlen_k,
+    cache_seqlens)."""
+    page = c.page_block
+    if page % page_multiple == 0:
+        return page, sk, c.cache_seqlens
+    new = page_multiple * math.ceil(page / page_multiple)
+    blocks = max(1, math.ceil(sk / page))
+    step = new * seqlen_multiple // math.gcd(new, seqlen_multiple)
+    sk = step * math.ceil(blocks * new / step)
+    cache = tuple((n // page) * new + (new - page + n % page if n % page else 0) for n in c.cache_seqlens)
+    return new, sk, cache
 
 
 def realise_all(intents: list[Intent], caps: Capabilities, device: str, needs: tuple[str, ...] = ()) -> list[Realised]:

@@ -569,3 +569,20 @@ def backward_writes_q(q, k, v, **kwargs):
 
 
 MUTANTS += [_mutant(backward_writes_q, "gradients", "inputs-unmodified", _naive_caps(attn_bias=False, bias_grad=False))]
+
+
+# -- paged KV cache block sizes (conformance/checks/kvcache.py) ---------------------------------------
+
+def paged_right_for_some_block_sizes(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None,
+                                     **kwargs):
+    """Right for blocks of 16, 32 and 256 tokens only (a kernel specialised for the block sizes its author
+    tried); for other sizes it walks the cache's blocks in order, not through the table."""
+    if block_table is not None and k_cache.shape[1] not in (16, 32, 256):
+        return paged_table_in_order(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                    block_table=block_table, **kwargs)
+    return tiled.kvcache_attention(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
+                                   **kwargs)
+
+
+MUTANTS += [_tiled_variant("paged-right-for-some-block-sizes", "kvcache", "kvcache-reference",
+                           kvcache_fn=paged_right_for_some_block_sizes)]

@@ -3,7 +3,8 @@ written into each batch item's cache after the tokens already there (cache_seqle
 and attend to the filled part, bottom-right causal when causal. The output equals the reference over
 exactly those keys, and the cache holds the new keys and values where they belong, nothing else moved.
 
-Paged (``page_block``, flash-attn's ``block_table``): the caches are blocks of page_block tokens, each
+Paged (``page_block``, flash-attn's ``block_table``; blocks of 16, 64, 128 and 256 tokens, realised in the
+backend's declared multiple): the caches are blocks of page_block tokens, each
 item's blocks named in order by a randomly permuted table, two blocks named by no table; cache lengths
 end inside a block and new tokens cross block boundaries. The cache, read back through the table, must
 hold what the contiguous one would; the blocks no table names must not change."""
@@ -41,8 +42,8 @@ def intents() -> list[grid.Intent]:
              pin=("dtype",)) for sq in (1, 16) for dt in ("fp16", "bf16") for c in (None, "bottom_right")),
         *(it(f"cache of 4096, {dt}", b.replace(batch=2, seqlen_q=1, seqlen_k=4096, cache_seqlens=(4000, 2049), dtype=dt,
                                                nheads=8, nheads_k=2), 1, pin=("dtype",)) for dt in ("fp16", "bf16")),
-        # paged: block sizes 16 and 256 (flash-attn's multiple); lengths ending inside a block, new tokens
-        # crossing a boundary, an empty cache, a full one
+        # paged: block sizes 16, 64, 128 and 256 (flash-attn's multiple); lengths ending inside a block, new
+        # tokens crossing a boundary, an empty cache, a full one
         it("paged 16, permuted table, 4 new across a block boundary, causal",
            b.replace(batch=3, seqlen_q=4, seqlen_k=128, cache_seqlens=(14, 37, 0), page_block=16, causal="bottom_right")),
         it("paged 256, decode, a cache ending on and one inside a block",
@@ -52,6 +53,14 @@ def intents() -> list[grid.Intent]:
                      nheads_k=2, causal="bottom_right", dtype="fp16")),
         it("paged 16, MQA, bf16, empty and full caches",
            b.replace(seqlen_q=2, seqlen_k=64, cache_seqlens=(0, 62), page_block=16, nheads=8, nheads_k=1, dtype="bf16")),
+        # blocks of 64 and 128 (a kernel right for 16, 32 and 256 only must fail); for a backend declaring a
+        # multiple (flash-attn: 256) they are realised at that multiple, same blocks and in-block offsets
+        it("paged 64, 5 new across a boundary in every item, GQA",
+           b.replace(batch=3, seqlen_q=5, seqlen_k=256, cache_seqlens=(62, 127, 190), page_block=64, nheads=8,
+                     nheads_k=2)),
+        it("paged 128, 2 new, one across a boundary, one inside a block, causal, fp16",
+           b.replace(seqlen_q=2, seqlen_k=384, cache_seqlens=(127, 300), page_block=128, causal="bottom_right",
+                     dtype="fp16")),
         *(it(f"paged 256, cache of 2048, {sq} new, {dt}{', causal' if c else ''}",
              b.replace(batch=3, seqlen_q=sq, seqlen_k=2048, cache_seqlens=(1000, 1791, 7), page_block=256, dtype=dt,
                        causal=c), 1, pin=("dtype",)) for sq in (1, 16) for dt in ("fp16", "bf16")
