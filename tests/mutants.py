@@ -25,7 +25,8 @@ class Mutant:
 
 
 def _naive_caps(**changes):
-    return dataclasses.replace(naive.BACKEND.capabilities, **changes)
+    """naive's declaration, less the KV-cache function a plain function does not have."""
+    return dataclasses.replace(naive.BACKEND.capabilities, kvcache=False, paged_kv=False, **changes)
 
 
 def _tiled_caps(**changes):
