@@ -129,6 +129,9 @@ class Backend:
         for feature in ("varlen", "kvcache"):
             if getattr(self.capabilities, feature) and getattr(self, f"{feature}_fn") is None:
                 raise ValueError(f"backend {self.name!r} declares {feature} but has no {feature}_fn")
+        if self.capabilities.mixed_batch and self.varlen_fn is None:
+            raise ValueError(f"backend {self.name!r} declares mixed_batch (called through varlen_fn) but has no "
+                             "varlen_fn")
 
 
 def run_kernel_side(backend: Backend, procedure: str, *args):

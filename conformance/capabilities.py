@@ -52,6 +52,9 @@ class Capabilities:
     bias_grad: bool = False  # the gradient reaches a float attn_bias that requires grad
     paged_kv: bool = False  # KV-cache decoding from a paged cache (kvcache_fn takes block_table)
     page_block_multiple: int = 1  # the paged cache's block size must be a multiple of this
+    # a mixed prefill and decode batch: varlen_fn takes per-sequence query and key lengths (cu_seqlens_q !=
+    # cu_seqlens_k) over a KV cache, and block_table for a paged one where paged_kv is declared
+    mixed_batch: bool = False
     # For fp16/bf16 inputs, what the kernel accumulates softmax and P·V in: "fp32" as FlashAttention
     # kernels do (the tolerance's yardstick is then a float32 computation from the rounded inputs), or
     # "input" as plain PyTorch in the input dtype (the yardstick is that computation). See tolerance.py.

@@ -47,6 +47,10 @@ class Case:
       added to the scaled scores, as SDPA's attn_mask.
     page_block: with cache_seqlens, a paged KV cache (flash-attn's block_table): the caches are blocks of
       this many tokens, each batch item's seqlen_k / page_block blocks found through a permuted table.
+    new_seqlens: with cache_seqlens, a mixed prefill and decode batch: batch item b adds new_seqlens[b]
+      tokens (1 for a decode row, more for a prefill row; the most is seqlen_q) after its cache_seqlens[b],
+      and its new_seqlens[b] queries attend to them and its cache (flash_attn_varlen_func with per-sequence
+      query and key lengths, and block_table for a paged cache).
     """
 
     batch: int = 2
@@ -67,6 +71,7 @@ class Case:
     cache_seqlens: tuple[int, ...] | None = None
     attn_bias: str | None = None
     page_block: int | None = None
+    new_seqlens: tuple[int, ...] | None = None
     seed: int = 0
 
     def __post_init__(self):

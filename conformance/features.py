@@ -90,6 +90,7 @@ def _draw_cache(draw, fields, max_seqlen):
     cache = tuple(draw(st.lists(st.integers(0, sk - sq), min_size=fields["batch"], max_size=fields["batch"])))
     fields.update(seqlen_q=sq, seqlen_k=sk, cache_seqlens=cache)
     _draw_page(draw, fields, max_seqlen)  # the KV-cache check's cases are paged too, where declared
+    _draw_mixed(draw, fields, max_seqlen)  # and mixed prefill and decode batches, where declared
 
 
 def _draw_attn_bias(draw, fields, max_seqlen):
@@ -108,6 +109,19 @@ def _draw_page(draw, fields, max_seqlen):
         return
     page = draw(st.sampled_from((16, 32, 64, 128, 256)))
     fields.update(page_block=page, seqlen_k=-(-fields["seqlen_k"] // page) * page)
+
+
+def _draw_mixed(draw, fields, max_seqlen):
+    """A mixed prefill and decode batch, one draw in four, for a KV-cache case (a no-op without
+    cache_seqlens): each item adds 1 to seqlen_q new tokens, one of them seqlen_q."""
+    from hypothesis import strategies as st
+
+    if fields.get("cache_seqlens") is None or draw(st.integers(0, 3)):
+        return
+    sq, batch = fields["seqlen_q"], fields["batch"]
+    news = draw(st.lists(st.integers(1, sq), min_size=batch, max_size=batch))
+    news[draw(st.integers(0, batch - 1))] = sq
+    fields["new_seqlens"] = tuple(news)
 
 
 # -- keyword arguments ------------------------------------------------------------------------------
@@ -150,6 +164,15 @@ def _page_problems(case) -> list[str]:
     return []
 
 
+def _mixed_problems(case) -> list[str]:
+    n = case.new_seqlens
+    if (case.cache_seqlens is None or len(n) != case.batch or min(n) < 1 or max(n) != case.seqlen_q
+            or any(c + m > case.seqlen_k for c, m in zip(case.cache_seqlens, n))):
+        return ["new_seqlens needs cache_seqlens and one count >= 1 per batch item, the most equal to seqlen_q, "
+                "each fitting in the cache of seqlen_k after its cache_seqlens"]
+    return []
+
+
 def _varlen_problems(case) -> list[str]:
     lens = case.varlen
     if len(lens) != case.batch or min(lens) < 1 or max(lens) != case.seqlen_q or case.seqlen_q != case.seqlen_k:
@@ -159,7 +182,8 @@ def _varlen_problems(case) -> list[str]:
 
 def _cache_problems(case) -> list[str]:
     n = case.cache_seqlens
-    if len(n) != case.batch or min(n) < 0 or max(n) + case.seqlen_q > case.seqlen_k:
+    room = case.seqlen_q if case.new_seqlens is None else 1  # a mixed batch: each item's own count (mixed_batch)
+    if len(n) != case.batch or min(n) < 0 or max(n) + room > case.seqlen_k:
         return ["cache_seqlens needs one count >= 0 per batch item, each leaving room for seqlen_q new tokens "
                 "in a cache of seqlen_k"]
     return []
@@ -184,6 +208,11 @@ FEATURES: tuple[Feature, ...] = (
     # the kvcache check builds the table and passes block_table (capability paged_kv, page_block_multiple)
     Feature("paged_kv", "page_block", None, "page", encode=str, decode=int, kwargs=lambda case, device: {},
             draw=_draw_page, problems=_page_problems),
+    # a mixed prefill and decode batch: a kvcache case whose items add different numbers of new tokens; the
+    # kvcache check writes them into the (paged) cache and calls varlen_fn with per-sequence query and key
+    # lengths, flash_attn_varlen_func's convention (block_table= for a paged cache)
+    Feature("mixed_batch", "new_seqlens", None, "new", encode=_dotted, decode=_lengths,
+            kwargs=lambda case, device: {}, draw=_draw_mixed, problems=_mixed_problems),
 )
 BY_NAME = {f.name: f for f in FEATURES}
 

@@ -144,7 +144,8 @@ def realise(it: Intent, caps: Capabilities, device: str, needs: tuple[str, ...] 
         changes["page_block"], sk, cache = _paged(c, caps.page_block_multiple, m, sk)
         changes["seqlen_k"] = sk
     if cache is not None:
-        changes["cache_seqlens"] = tuple(min(n, sk - sq) for n in cache)
+        news = c.new_seqlens or (sq,) * len(cache)  # each item's new tokens (a mixed batch: its own count)
+        changes["cache_seqlens"] = tuple(min(n, sk - m) for n, m in zip(cache, news))
     try:
         case = c.replace(**changes).seeded()
     except ValueError as exc:

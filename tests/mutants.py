@@ -26,12 +26,13 @@ class Mutant:
 
 def _naive_caps(**changes):
     """naive's declaration, less the KV-cache function a plain function does not have."""
-    return dataclasses.replace(naive.BACKEND.capabilities, kvcache=False, paged_kv=False, **changes)
+    return dataclasses.replace(naive.BACKEND.capabilities, varlen=False, kvcache=False, paged_kv=False,
+                               mixed_batch=False, **changes)
 
 
 def _tiled_caps(**changes):
     """tiled's declaration, less the varlen and KV-cache functions a plain function does not have."""
-    return dataclasses.replace(tiled.BACKEND.capabilities, varlen=False, kvcache=False, **changes)
+    return dataclasses.replace(tiled.BACKEND.capabilities, varlen=False, kvcache=False, mixed_batch=False, **changes)
 
 
 def _textbook(q, k, v, scale, causal, alignment, *, leak=0, fill=-1e9, max_subtract=True):
@@ -587,3 +588,29 @@ def paged_right_for_some_block_sizes(q, k_cache, v_cache, k=None, v=None, cache_
 
 MUTANTS += [_tiled_variant("paged-right-for-some-block-sizes", "kvcache", "kvcache-reference",
                            kvcache_fn=paged_right_for_some_block_sizes)]
+
+
+# -- mixed prefill and decode batches (conformance/checks/kvcache.py, case feature mixed_batch) ----------
+
+def mixed_batch_global_offset(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None,
+                              causal=False, **kwargs):
+    """Aligns every sequence's causal mask by the batch's longest key and query counts (max_seqlen_k -
+    max_seqlen_q), not by its own: right for a varlen batch (as many keys as queries in every sequence) and
+    for rows that all add the same number of tokens; a decode row beside a prefill row loses its last keys."""
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for i in range(len(bq) - 1):
+        lq, lk = bq[i + 1] - bq[i], bk[i + 1] - bk[i]
+        if block_table is None:
+            keys, values = k[None, bk[i]: bk[i + 1]], v[None, bk[i]: bk[i + 1]]
+        else:
+            keys, values = (c[block_table[i].long()].flatten(0, 1)[None, :lk] for c in (k, v))
+        keep = None
+        if causal:
+            keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(max_seqlen_k - max_seqlen_q)[None, None]
+        outs.append(tiled.attention(q[None, bq[i]: bq[i + 1]], keys, values, attn_bias=keep, **kwargs)[0])
+    return torch.cat(outs)
+
+
+MUTANTS += [_tiled_variant("mixed-batch-global-offset", "kvcache", "kvcache-reference",
+                           varlen_fn=mixed_batch_global_offset)]

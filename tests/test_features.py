@@ -20,6 +20,7 @@ WITH = {  # a case using each feature
     "kvcache": Case(batch=2, seqlen_q=2, seqlen_k=40, cache_seqlens=(0, 37)),
     "attn_bias": Case(attn_bias="add.1hqk"),
     "paged_kv": Case(batch=2, seqlen_q=2, seqlen_k=48, cache_seqlens=(0, 37), page_block=16),  # with kvcache
+    "mixed_batch": Case(batch=3, seqlen_q=5, seqlen_k=48, cache_seqlens=(0, 37, 20), new_seqlens=(5, 1, 2)),
 }
 
 
@@ -36,7 +37,7 @@ def test_every_feature_has_its_declarations_and_a_case_here():
 def test_a_feature_round_trips_is_refused_and_is_passed(name):
     case, feature = WITH[name], features.BY_NAME[name]
     used = [f.name for f in features.present(case)]
-    assert used == [name] or (name == "paged_kv" and used == ["kvcache", name])  # a paged cache is a cache
+    assert used == [name] or (name in ("paged_kv", "mixed_batch") and used == ["kvcache", name])  # a cache too
     assert feature.id_token(case) in case.id.split("_") and Case.from_id(case.id) == case
     assert f"{name} not supported" in Capabilities().not_supported_reasons(case, "cpu")
     assert not Capabilities(**{f: True for f in used}).not_supported_reasons(case, "cpu")

@@ -31,7 +31,7 @@ def test_mutant_is_subtle(mutant):
 
 
 # Each correct backend with each check it declares what is needed for (naive and sdpa-math have no
-# window, softcap, ALiBi or varlen: those pairs would run nothing and could not fail).
+# window, softcap or ALiBi: those pairs would run nothing and could not fail).
 DECLARED = [(b, c) for b in (naive.BACKEND, sdpa_math.BACKEND, tiled.BACKEND) for c in CORRECTNESS_CHECKS
             if not fuzz.not_fuzzable_reasons(b.capabilities, CHECKS[c].needs, CHECKS[c].feature)]
 

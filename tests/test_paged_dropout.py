@@ -58,7 +58,7 @@ def test_dropout_statistics_raise_no_false_alarm():
 
 def test_paged_and_dropout_through_the_kernel_process(pytester):
     ids = ("b3_q4_k128_h4_d32_fp32_causalbr_cache14.37.0_page16_seed1,b2_q1_k512_h4_kv2_d32_fp16_cache255.300_page256_"
-           "seed2,b2_q9_k24_h4_d32_fp32_causalbr_seed3")
+           "seed2,b2_q9_k24_h4_d32_fp32_causalbr_seed3,b3_q5_k64_h4_d32_fp32_causalbr_cache0.37.20_page16_new5.1.2_seed4")
     result = pytester.runpytest_subprocess("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "--fuzz=off",
                                            "--backend=sdpa-math,tiled", "--check=kvcache,dropout", f"--case={ids}")
     journal = results.read(pytester.path / "conformance-results.jsonl")
@@ -66,6 +66,8 @@ def test_paged_and_dropout_through_the_kernel_process(pytester):
     ran = {(r["backend"], r["check"], r["outcome"]) for r in journal.cases}
     assert ("sdpa-math", "dropout", "passed") in ran and ("tiled", "kvcache", "passed") in ran
     assert ("sdpa-math", "kvcache", "passed") in ran
+    mixed = [r for r in journal.cases if "_new5.1.2_" in r["case_id"]]  # a mixed prefill and decode batch, paged
+    assert {(r["backend"], r["outcome"]) for r in mixed} == {("sdpa-math", "passed"), ("tiled", "passed")}
 
 
 _TILED = tiled._TiledAttention

@@ -5,7 +5,8 @@ are filled with -1e9 as the notes do (clipped to the dtype's range, since float1
 so a query that may attend to no key gets uniform weights: the mean of V, not zeros. ``attn_bias`` is
 SDPA's attn_mask: a bool keep-mask (filled like the causal mask) or a float bias added to the scaled
 scores, broadcast to (batch, heads, seqlen_q, seqlen_k); plain autograd differentiates through it.
-KV-cache decoding (contiguous or paged) writes the new tokens and calls it per batch item, bottom-right.
+KV-cache decoding (contiguous or paged, mixed prefill and decode batches too) and packed variable-length
+batches call it per batch item, bottom-right.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import torch
 
 from conformance.backend import Backend
-from conformance.backends.kvcache_adapter import kvcache_with
+from conformance.backends.kvcache_adapter import kvcache_with, varlen_with
 from conformance.capabilities import Capabilities
 
 
@@ -48,7 +49,8 @@ BACKEND = Backend(
     capabilities=Capabilities(causal=("bottom_right", "top_left"), masked_rows="mean_v", head_dim_max=1024,
                               accumulation="input",
                               memory="quadratic", attn_bias=True, bias_grad=True, dropout=True,
-                              kvcache=True, paged_kv=True),
+                              varlen=True, kvcache=True, paged_kv=True, mixed_batch=True),
     description="textbook attention of the lab notes, plain PyTorch",
+    varlen_fn=varlen_with(attention, causal_alignment="bottom_right"),
     kvcache_fn=kvcache_with(attention, causal_alignment="bottom_right"),
 )

@@ -17,7 +17,7 @@ import math
 import torch
 
 from conformance.backend import Backend
-from conformance.backends.kvcache_adapter import kvcache_with
+from conformance.backends.kvcache_adapter import kvcache_with, varlen_with
 from conformance.capabilities import Capabilities
 
 
@@ -185,16 +185,9 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_s
     return out.transpose(1, 2).to(in_dtype)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                     deterministic=False):
-    """flash_attn_varlen_func's convention: each packed sequence attends only to itself."""
-    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    return torch.cat([
-        attention(q[None, bq[i]: bq[i + 1]], k[None, bk[i]: bk[i + 1]], v[None, bk[i]: bk[i + 1]],
-                  softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-                  alibi_slopes=alibi_slopes)[0]
-        for i in range(len(bq) - 1)])
+# flash_attn_varlen_func's convention: each packed sequence attends only to itself; its keys may outnumber its
+# queries (a mixed prefill and decode batch over a KV cache, bottom-right), paged through block_table.
+varlen_attention = varlen_with(attention)
 
 
 # flash_attn_with_kvcache's convention: new keys/values written into the caches (in place) after each
@@ -207,7 +200,7 @@ BACKEND = Backend(
     fn=attention,
     capabilities=Capabilities(causal=("bottom_right", "top_left"), head_dim_max=1024, memory="linear",
                               window=True, softcap=True, alibi=True, varlen=True, kvcache=True,
-                              attn_bias=True, bias_grad=True, paged_kv=True, dropout=True,
+                              attn_bias=True, bias_grad=True, paged_kv=True, mixed_batch=True, dropout=True,
                               deterministic_backward=True),
     description="FlashAttention's algorithm (online softmax, recomputing backward) in plain PyTorch",
     varlen_fn=varlen_attention,

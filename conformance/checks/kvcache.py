@@ -7,14 +7,22 @@ Paged (``page_block``, flash-attn's ``block_table``; blocks of 16, 64, 128 and 2
 backend's declared multiple): the caches are blocks of page_block tokens, each
 item's blocks named in order by a randomly permuted table, two blocks named by no table; cache lengths
 end inside a block and new tokens cross block boundaries. The cache, read back through the table, must
-hold what the contiguous one would; the blocks no table names must not change."""
+hold what the contiguous one would; the blocks no table names must not change.
+
+Mixed prefill and decode (``new_seqlens``, capability ``mixed_batch``): the items of one batch add
+different numbers of new tokens (1 for a decode row, many for a prefill row) to caches of different
+lengths, paged or not; the caller writes them into the cache and the kernel reads it through
+``flash_attn_varlen_func``'s convention (packed queries, cu_seqlens_q and cu_seqlens_k of each item's
+query and key counts, ``block_table=`` for a paged cache), as a serving engine's continuous batch does."""
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
 from conformance import grid
-from conformance.backend import Backend, call_kvcache
+from conformance.backend import Backend, call_kvcache, checked_output, invoke, kwargs_for
 from conformance.case import Case
 from conformance.checks.check import Check
 from conformance.expected import expected_for
@@ -61,6 +69,21 @@ def intents() -> list[grid.Intent]:
         it("paged 128, 2 new, one across a boundary, one inside a block, causal, fp16",
            b.replace(seqlen_q=2, seqlen_k=384, cache_seqlens=(127, 300), page_block=128, causal="bottom_right",
                      dtype="fp16")),
+        # mixed prefill and decode rows in one batch (flash_attn_varlen_func over the cache): items adding 1 token
+        # (decode) and many (prefill) to caches of different lengths, an empty one among them
+        it("mixed prefill and decode, paged 16, causal, a prefill into an empty cache, 4 new across a boundary",
+           b.replace(batch=4, seqlen_q=9, seqlen_k=128, cache_seqlens=(0, 37, 100, 15), new_seqlens=(9, 1, 1, 4),
+                     page_block=16, causal="bottom_right")),
+        it("mixed prefill and decode, contiguous, GQA, causal, fp16",
+           b.replace(batch=3, seqlen_q=17, seqlen_k=256, cache_seqlens=(200, 0, 64), new_seqlens=(1, 17, 5),
+                     nheads=8, nheads_k=2, causal="bottom_right", dtype="fp16")),
+        it("mixed prefill and decode, paged 64, MQA, bf16",
+           b.replace(batch=3, seqlen_q=33, seqlen_k=256, cache_seqlens=(63, 0, 150), new_seqlens=(1, 33, 12),
+                     page_block=64, nheads=8, nheads_k=1, dtype="bf16")),
+        *(it(f"mixed prefill and decode, paged 256, cache of 2048, a prefill of 300, {dt}{', causal' if c else ''}",
+             b.replace(batch=4, seqlen_q=300, seqlen_k=2048, cache_seqlens=(1000, 0, 1791, 7), new_seqlens=(1, 300, 1, 64),
+                       page_block=256, dtype=dt, causal=c), 1, pin=("dtype",))
+          for dt in ("fp16", "bf16") for c in (None, "bottom_right")),
         *(it(f"paged 256, cache of 2048, {sq} new, {dt}{', causal' if c else ''}",
              b.replace(batch=3, seqlen_q=sq, seqlen_k=2048, cache_seqlens=(1000, 1791, 7), page_block=256, dtype=dt,
                        causal=c), 1, pin=("dtype",)) for sq in (1, 16) for dt in ("fp16", "bf16")
@@ -78,6 +101,8 @@ def cases(tier: str) -> list[Case]:
 
 def run(backend: Backend, case: Case, device: str) -> Verdict:
     verdict = Verdict(NAME, backend.name, case, device)
+    if case.new_seqlens is not None:
+        return _run_mixed(backend, case, device, verdict)
     inputs = make_inputs(case, device)  # k, v: the caches (past cache_seqlens: stale numbers)
     fresh = make_inputs(case, device, seed_offset=1)
     sq = case.seqlen_q
@@ -115,6 +140,50 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
         verdict.add("kvcache-reference", compare(f"batch item {b} ({n} cached + {sq} new)", out[b: b + 1], exp.out,
                                                  exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
                                                  FORWARD_MULTIPLE, n + sq, exp.logit_magnitude))
+    return verdict
+
+
+def _run_mixed(backend: Backend, case: Case, device: str, verdict: Verdict) -> Verdict:
+    """A mixed prefill and decode batch: item b's new_seqlens[b] new keys and values are written after its
+    cache_seqlens[b] (by the caller, as a serving engine writes its cache before attention), then
+    ``varlen_fn`` gets its new_seqlens[b] queries packed with the other items' (cu_seqlens_q) and its
+    cache_seqlens[b] + new_seqlens[b] keys (cu_seqlens_k; through block_table for a paged cache). Each
+    item's output equals its own reference, bottom-right aligned when causal; the kernel writes nothing."""
+    inputs = make_inputs(case, device)
+    fresh = make_inputs(case, device, seed_offset=1)
+    news, totals = case.new_seqlens, [n + m for n, m in zip(case.cache_seqlens, case.new_seqlens)]
+    k_full, v_full = inputs.k.contiguous().clone(), inputs.v.contiguous().clone()
+    for b, (n, m) in enumerate(zip(case.cache_seqlens, news)):
+        k_full[b, n: n + m], v_full[b, n: n + m] = fresh.k[b, :m], fresh.v[b, :m]
+    q = torch.cat([inputs.q[b, :m] for b, m in enumerate(news)])
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=q.device)
+                  for lens in (news, totals))
+    if case.page_block is None:
+        k, v = (torch.cat([c[b, :t] for b, t in enumerate(totals)]) for c in (k_full, v_full))
+        originals = (q, k, v, cu_q, cu_k)
+    else:
+        table, _, (k, v) = _paged(case, k_full, v_full)
+        originals = (q, k, v, cu_q, cu_k, table)
+    given = tuple(t.clone() for t in originals)
+    kwargs = kwargs_for(backend, case, q.device)
+    kwargs.pop("causal_alignment", None)  # a cache is read bottom-right aligned by definition
+    if case.page_block is not None:
+        kwargs["block_table"] = given[5]
+    out = checked_output(backend, invoke(backend, backend.varlen_fn, *given[:5], max(news), max(totals), **kwargs), q)
+    for name, now, before in zip(("q", "k (the cache)", "v (the cache)", "cu_seqlens_q", "cu_seqlens_k",
+                                  "block_table"), given, originals):
+        if not torch.equal(now, before):
+            verdict.fail("inputs-unmodified", f"the call modified its input {name} in place")
+    bounds = cu_q.tolist()
+    for b, (m, t) in enumerate(zip(news, totals)):
+        sub = case.replace(batch=1, seqlen_q=m, seqlen_k=t, cache_seqlens=None, page_block=None, new_seqlens=None)
+        own = Inputs(inputs.q[b: b + 1, :m], k_full[b: b + 1, :t], v_full[b: b + 1, :t], inputs.dout[b: b + 1, :m])
+        exp = expected_for(own, sub, backend.capabilities.masked_rows, False, backend.capabilities.accumulation)
+        kind = "decode" if m == 1 else "prefill"
+        verdict.add("kvcache-reference", compare(f"batch item {b}, {kind} ({t - m} cached + {m} new)",
+                                                 out[bounds[b]: bounds[b + 1]].unsqueeze(0), exp.out,
+                                                 exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
+                                                 FORWARD_MULTIPLE, t, exp.logit_magnitude))
     return verdict
 
 
