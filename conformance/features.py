@@ -102,26 +102,34 @@ def _draw_attn_bias(draw, fields, max_seqlen):
 
 def _draw_page(draw, fields, max_seqlen):
     """A paged cache, one draw in two, for a KV-cache case (a no-op without cache_seqlens): block sizes of
-    the usual kernels' sizes (16 to 128, and flash-attn's 256); the capacity rounded up to a whole block."""
+    the usual kernels' sizes (16 to 128, and flash-attn's 256); the capacity rounded up to whole blocks, at
+    least two per item (so that a table read in the wrong order shows)."""
     from hypothesis import strategies as st
 
     if fields.get("cache_seqlens") is None or not draw(st.booleans()):
         return
     page = draw(st.sampled_from((16, 32, 64, 128, 256)))
-    fields.update(page_block=page, seqlen_k=-(-fields["seqlen_k"] // page) * page)
+    fields.update(page_block=page, seqlen_k=max(2, -(-fields["seqlen_k"] // page)) * page)
 
 
 def _draw_mixed(draw, fields, max_seqlen):
-    """A mixed prefill and decode batch, one draw in four, for a KV-cache case (a no-op without
-    cache_seqlens): each item adds 1 to seqlen_q new tokens, one of them seqlen_q."""
+    """A mixed prefill and decode batch, one draw in three, for a KV-cache case with 2 or more new tokens (a
+    no-op otherwise): 2 or 3 items, each with a cache length of its own, one adding seqlen_q new tokens
+    (prefill), another 1 (decode) to a cache at least as long, a third any number between."""
     from hypothesis import strategies as st
 
-    if fields.get("cache_seqlens") is None or draw(st.integers(0, 3)):
+    if fields.get("cache_seqlens") is None or fields["seqlen_q"] < 2 or draw(st.integers(0, 2)):
         return
-    sq, batch = fields["seqlen_q"], fields["batch"]
-    news = draw(st.lists(st.integers(1, sq), min_size=batch, max_size=batch))
-    news[draw(st.integers(0, batch - 1))] = sq
-    fields["new_seqlens"] = tuple(news)
+    sq, sk, batch = fields["seqlen_q"], fields["seqlen_k"], draw(st.integers(2, 3))
+    cache = draw(st.lists(st.integers(0, sk - 1), min_size=batch, max_size=batch))
+    news = [draw(st.integers(1, min(sq, sk - n))) for n in cache]
+    prefill = draw(st.integers(0, batch - 1))
+    decode = (prefill + draw(st.integers(1, batch - 1))) % batch
+    # a new request (a prefix shorter than drawn) beside a running one whose cache is longer than the prefill's
+    cache[prefill] = draw(st.integers(0, min(cache[prefill], sk - sq)))
+    cache[decode] = max(cache[decode], min(sk - 1, cache[prefill] + sq))
+    news[prefill], news[decode] = sq, 1
+    fields.update(batch=batch, cache_seqlens=tuple(cache), new_seqlens=tuple(news))
 
 
 # -- keyword arguments ------------------------------------------------------------------------------

@@ -586,8 +586,19 @@ def paged_right_for_some_block_sizes(q, k_cache, v_cache, k=None, v=None, cache_
                                    **kwargs)
 
 
+def paged_varlen_right_for_some_block_sizes(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            block_table=None, **kwargs):
+    """The same kernel's variable-length entry (a mixed prefill and decode batch over a paged cache)."""
+    if block_table is not None and k.shape[1] not in (16, 32, 256):
+        block_table = torch.arange(block_table.numel(), device=block_table.device,
+                                   dtype=block_table.dtype).view_as(block_table)
+    return tiled.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  block_table=block_table, **kwargs)
+
+
 MUTANTS += [_tiled_variant("paged-right-for-some-block-sizes", "kvcache", "kvcache-reference",
-                           kvcache_fn=paged_right_for_some_block_sizes)]
+                           kvcache_fn=paged_right_for_some_block_sizes,
+                           varlen_fn=paged_varlen_right_for_some_block_sizes)]
 
 
 # -- mixed prefill and decode batches (conformance/checks/kvcache.py, case feature mixed_batch) ----------
