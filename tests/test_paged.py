@@ -29,3 +29,24 @@ def test_block_sizes_are_realised_in_the_declared_multiple_keeping_the_offsets()
         assert got.seqlen_k // 256 == c.seqlen_k // page
         for n, m in zip(c.cache_seqlens, got.cache_seqlens):
             assert (n // page, -n % page, (n + c.seqlen_q - 1) // page) == (m // 256, -m % 256, (m + c.seqlen_q - 1) // 256)
+
+
+def test_flex_kvcache_adapter_reads_a_paged_cache_through_its_mask():
+    """flex's KV-cache function (not declared until run on a GPU): eager flex_attention on the CPU passes
+    the kvcache check on a contiguous and a paged cache (permuted table, GQA, causal)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from conformance.backends import flex
+    from conformance.case import Case
+    from conformance.checks import execute
+
+    assert not flex.BACKEND.capabilities.kvcache and not flex.BACKEND.capabilities.paged_kv
+    caps = dataclasses.replace(flex.BACKEND.capabilities, devices=frozenset({"cpu"}), kvcache=True, paged_kv=True)
+    eager = dataclasses.replace(flex.BACKEND, capabilities=caps,
+                                kvcache_fn=lambda *a, **k: flex.kvcache_attention(*a, flex=flex_attention, **k))
+    for case in (Case(batch=2, seqlen_q=3, seqlen_k=64, nheads=4, nheads_k=2, head_dim=16, causal="bottom_right",
+                      cache_seqlens=(40, 0), seed=1),
+                 Case(batch=3, seqlen_q=4, seqlen_k=64, nheads=4, nheads_k=2, head_dim=16, causal="bottom_right",
+                      cache_seqlens=(14, 45, 0), page_block=16, seed=2)):
+        verdict = execute("kvcache", eager, case, "cpu")
+        assert verdict.passed, verdict.message()

@@ -5,6 +5,9 @@ Mask and score parameters enter as tensors, not Python numbers, so a new offset 
 trigger a recompilation. CUDA only: on the CPU it compiles too, but measured on the 2-core CI machine
 (torch 2.13) the first compile took 14 s and each new shape about 3 s, minutes over a tier's grid. On an H100
 (torch 2.11) a new head dim or dtype cost 2 to over 60 s of compilation.
+
+``kvcache_attention`` (flash_attn_with_kvcache's convention, paged too) reads a paged cache in flex itself,
+through a mask_mod over the cache's slots; it is not declared until it has run on a GPU.
 """
 
 from __future__ import annotations
@@ -114,6 +117,63 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_s
     return out.transpose(1, 2)
 
 
+
+def kvcache_attention(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None, softmax_scale=None,
+                      causal=False, flex=None):
+    """``flash_attn_with_kvcache``'s convention in one flex_attention call over the whole cache: the new keys
+    and values are written into the caches (in place, after each item's cache_seqlens tokens; through the
+    table for a paged cache), then each item's queries read the cache where a mask_mod lets them: key slot
+    ki is item b's logical token t (ki itself for a contiguous cache; for a paged one, the caches are one
+    sequence of num_blocks * page_block slots, and slot ki is token t = i * page_block + ki % page_block
+    where block_table[b, i] = ki // page_block), seen when t < cache_seqlens[b] + the new tokens (and, when
+    causal, t <= the query's position, bottom-right aligned). Only the paged read is flex's: no gather."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, sq, device = q.shape[0], q.shape[1], q.device
+    new = 0 if k is None else k.shape[1]
+    paged = block_table is not None
+    page = k_cache.shape[1]
+    if cache_seqlens is None:
+        cache_seqlens = torch.full((batch,), page * (block_table.shape[1] if paged else 1), device=device)
+    elif isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, device=device)
+    lengths = cache_seqlens.to(device=device, dtype=torch.long)
+    if new:
+        pos = lengths[:, None] + torch.arange(new, device=device)  # (batch, new): each new token's position
+        with torch.no_grad():
+            if paged:
+                blocks = block_table.long().gather(1, pos // page)
+                k_cache[blocks, pos % page], v_cache[blocks, pos % page] = k, v
+            else:
+                rows = torch.arange(batch, device=device)[:, None].expand_as(pos)
+                k_cache[rows, pos], v_cache[rows, pos] = k, v
+    total = lengths + new
+    if paged:  # slot -> (owning item's) position of its block in that item's table, -1 for blocks it does not own
+        slots = k_cache.shape[0] * page
+        where = torch.full((batch, k_cache.shape[0]), -1, dtype=torch.long, device=device)
+        where.scatter_(1, block_table.long(), torch.arange(block_table.shape[1], device=device).expand(batch, -1))
+        keys, values = (c.reshape(1, slots, *c.shape[2:]).expand(batch, -1, -1, -1) for c in (k_cache, v_cache))
+    else:
+        slots, keys, values = k_cache.shape[1], k_cache, v_cache
+
+    def mask_mod(b, h, qi, ki):
+        if paged:
+            index = where[b, ki // page]
+            t = index * page + ki % page
+            ok = (index >= 0) & (t < total[b])
+        else:
+            t = ki
+            ok = t < total[b]
+        if causal:
+            ok = ok & (t <= qi + total[b] - sq)
+        return ok
+
+    block_mask = create_block_mask(mask_mod, batch, None, sq, slots, device=device)
+    out = (flex or _flex())(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), block_mask=block_mask,
+                            scale=softmax_scale, enable_gqa=q.shape[2] != k_cache.shape[2])
+    return out.transpose(1, 2)
+
+
 BACKEND = Backend(
     name="flex",
     fn=attention,
@@ -122,4 +182,8 @@ BACKEND = Backend(
                               softcap=True, alibi=True, attn_bias=True, bias_grad=True),
     description="torch.nn.attention.flex_attention, compiled; masks as block masks",
     unavailable_reasons=lambda: cuda_reasons(None, "compiled flex attention") or import_reasons("triton"),
+    # KV-cache decoding, contiguous and paged, in one flex_attention call: passed by the kvcache check's quick
+    # grid on the CPU with eager flex_attention (tests/test_paged.py), not yet run compiled on a GPU, so not
+    # declared (kvcache, paged_kv) until it is
+    kvcache_fn=kvcache_attention,
 )
