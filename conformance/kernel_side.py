@@ -51,24 +51,32 @@ def dropout_samples(backend: Backend, q, k, v, case: Case, dropout_p: float, see
     return torch.stack(outs)
 
 
-def dropout_with_mask(backend: Backend, q, k, v, dout, case: Case, dropout_p: float, seed: int) -> tuple:
-    """One call with ``dropout_p`` under ``seed`` and its gradients (out, dq, dk, dv), then the same call
-    with V replaced by the identity basis (v[:, j, :, j] = 1; head_dim >= seqlen_k), whose output is the
-    dropped probability matrix itself: the dropout mask the first call used."""
+def dropout_with_mask(backend: Backend, q, k, v, dout, case: Case, dropout_p: float, seed: int,
+                      grad: bool = True) -> tuple:
+    """One call with ``dropout_p`` under ``seed``, its inputs requiring grad and its gradients taken where
+    ``grad`` (out, dq, dk, dv), else none requiring grad (out); then the same call (grad or not alike)
+    once per slice of head_dim keys with V replaced by the identity basis on that slice (v[:, s + i, :, i]
+    = 1), whose outputs are that slice's columns of the dropped probability matrix: the dropout mask the
+    first call used, (batch, seqlen_q, nheads, seqlen_k), where the mask depends on the seed alone."""
     import torch
 
-    def seeded(values):
+    def seeded(values, backward):
         torch.manual_seed(seed)
-        leaves = tuple(t.detach().clone().requires_grad_(True) for t in (q, k, values))
+        leaves = tuple(t.detach().clone().requires_grad_(grad) for t in (q, k, values))
         with torch.enable_grad():
             out = call(backend, *leaves, case, dropout_p=dropout_p)
-            grads = torch.autograd.grad(out, leaves, dout) if backend.capabilities.backward else ()
+            grads = torch.autograd.grad(out, leaves, dout) if backward else ()
         return (out.detach(), *(g.detach() for g in grads))
 
-    basis = torch.zeros_like(v)
-    sk = v.shape[1]
-    basis[:, torch.arange(sk), :, torch.arange(sk)] = 1
-    return (*seeded(v), seeded(basis)[0])
+    first = seeded(v, grad and backend.capabilities.backward)
+    sk, d = v.shape[1], v.shape[-1]
+    revealed = torch.empty((*first[0].shape[:3], sk), dtype=first[0].dtype, device=first[0].device)
+    for start in range(0, sk, d):
+        width = min(d, sk - start)
+        basis = torch.zeros_like(v)
+        basis[:, start + torch.arange(width), :, torch.arange(width)] = 1
+        revealed[..., start: start + width] = seeded(basis, False)[0][..., :width]
+    return (*first, revealed)
 
 
 PROCEDURES = {"memory_peak": memory_peak, "speed_time": speed_time, "dropout_samples": dropout_samples,

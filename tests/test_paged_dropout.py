@@ -47,18 +47,21 @@ def test_dropout_statistics_raise_no_false_alarm():
     over the standard error stays near 1."""
     from conformance.backends import naive
 
-    squares = []
+    squares, variance_z = [], []
     for seed in range(12):
         verdict = execute("dropout", naive.BACKEND, Case(batch=1, seqlen_q=17, seqlen_k=24, nheads=2, head_dim=32,
                                                          seed=seed), "cpu")
         assert verdict.passed, verdict.message()
         squares.append(verdict.measurements["dropout"]["mean_z2"])
+        variance_z.append(verdict.measurements["dropout_variance"]["z"])
     assert 0.7 < sum(squares) / len(squares) < 1.3
+    # the variance's exact standard error: z about standard normal (12 draws: mean square within ~0.2..2.6)
+    assert 0.2 < sum(z * z for z in variance_z) / len(variance_z) < 2.6, variance_z
 
 
 def test_paged_and_dropout_through_the_kernel_process(pytester):
     ids = ("b3_q4_k128_h4_d32_fp32_causalbr_cache14.37.0_page16_seed1,b2_q1_k512_h4_kv2_d32_fp16_cache255.300_page256_"
-           "seed2,b2_q9_k24_h4_d32_fp32_causalbr_seed3,b3_q5_k64_h4_d32_fp32_causalbr_cache0.37.20_page16_new5.1.2_seed4")
+           "seed2,b2_q9_k24_h4_d16_fp32_causalbr_biasadd.1hqk_seed3,b3_q5_k64_h4_d32_fp32_causalbr_cache0.37.20_page16_new5.1.2_seed4")
     result = pytester.runpytest_subprocess("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "--fuzz=off",
                                            "--backend=sdpa-math,tiled", "--check=kvcache,dropout", f"--case={ids}")
     journal = results.read(pytester.path / "conformance-results.jsonl")
