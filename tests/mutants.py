@@ -431,7 +431,11 @@ def bias_detached(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, caus
 
 
 MUTANTS += [
+    _mutant(bias_wrong_broadcast, "attn_bias", "attn-bias-reference", _naive_caps()),
+    _mutant(bias_before_scale, "attn_bias", "attn-bias-reference", _naive_caps()),
     _mutant(bool_mask_added, "attn_bias", "attn-bias-reference", _naive_caps()),
+    _mutant(bias_after_max, "attn_bias", "attn-bias-reference", _naive_caps(bias_grad=False)),
+    _mutant(bias_detached, "attn_bias", "dbias", _naive_caps()),
 ]
 
 
@@ -662,10 +666,73 @@ def dropout_ignores_bias(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fals
                            causal_alignment=causal_alignment, attn_bias=None if dropout_p else attn_bias)
 
 
+def bias_ignored_with_softcap(q, k, v, softcap=0.0, attn_bias=None, **kwargs):
+    """Ignores attn_bias when softcap is passed too (a soft-capping kernel without the bias operand)."""
+    return tiled.attention(q, k, v, softcap=softcap, attn_bias=None if softcap else attn_bias, **kwargs)
+
+
+def bias_ignored_with_window(q, k, v, window_size=(-1, -1), attn_bias=None, **kwargs):
+    """Ignores attn_bias when a sliding window is passed too."""
+    windowed = tuple(window_size) != (-1, -1)
+    return tiled.attention(q, k, v, window_size=window_size, attn_bias=None if windowed else attn_bias, **kwargs)
+
+
+def bias_ignored_with_alibi(q, k, v, alibi_slopes=None, attn_bias=None, **kwargs):
+    """Ignores attn_bias when ALiBi slopes are passed too."""
+    return tiled.attention(q, k, v, alibi_slopes=alibi_slopes, attn_bias=None if alibi_slopes is not None else attn_bias,
+                           **kwargs)
+
+
+def bias_head_broadcast_ignored(q, k, v, attn_bias=None, **kwargs):
+    """Ignores a bias that spans heads but broadcasts over queries, shaped (batch or 1, nheads, 1, seqlen_k)."""
+    if attn_bias is not None and attn_bias.shape[1] > 1 and attn_bias.shape[2] == 1:
+        attn_bias = None
+    return naive.attention(q, k, v, attn_bias=attn_bias, **kwargs)
+
+
+class _WritesBiasInBackward(torch.autograd.Function):
+    """Passes the output through; its backward writes into the bias's storage (as a kernel writing dbias
+    into the caller's attn_bias)."""
+
+    @staticmethod
+    def forward(ctx, bias, out):
+        ctx.bias = bias
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        data = ctx.bias.data
+        data.logical_not_() if data.dtype == torch.bool else data.add_(1.0)
+        return None, grad
+
+
+def backward_writes_bias(q, k, v, attn_bias=None, **kwargs):
+    """Right forward; its backward writes into the caller's attn_bias."""
+    out = naive.attention(q, k, v, attn_bias=attn_bias, **kwargs)
+    return _WritesBiasInBackward.apply(attn_bias, out) if out.requires_grad and attn_bias is not None else out
+
+
+def bias_read_as_contiguous(q, k, v, attn_bias=None, **kwargs):
+    """Reads attn_bias's memory as if the tensor were contiguous (ignoring its strides), wrapping around
+    where a stride-0 (expanded) tensor's memory is shorter than its shape."""
+    if attn_bias is not None and not attn_bias.is_contiguous():
+        size = attn_bias.untyped_storage().nbytes() // attn_bias.element_size()
+        flat = attn_bias.as_strided((size,), (1,), 0)
+        index = (attn_bias.storage_offset() + torch.arange(attn_bias.numel(), device=flat.device)) % size
+        attn_bias = flat[index].view(attn_bias.shape)
+    return naive.attention(q, k, v, attn_bias=attn_bias, **kwargs)
+
+
 _PLAIN = dict(attn_bias=False, bias_grad=False)
 MUTANTS += [
     _mutant(dropout_rate_off_without_grad, "dropout", "dropout-variance", _naive_caps(**_PLAIN)),
     _mutant(dropout_rate_off_long_keys, "dropout", "dropout-mask", _naive_caps(**_PLAIN)),
     _mutant(dropout_rows_share_mask, "dropout", "dropout-rows-independent", _naive_caps(**_PLAIN)),
     _mutant(dropout_ignores_bias, "dropout", "dropout-mean", _naive_caps()),
+    _mutant(bias_ignored_with_softcap, "attn_bias", "attn-bias-reference", _tiled_caps(dropout=False)),
+    _mutant(bias_ignored_with_window, "attn_bias", "attn-bias-reference", _tiled_caps(dropout=False)),
+    _mutant(bias_ignored_with_alibi, "attn_bias", "attn-bias-reference", _tiled_caps(dropout=False)),
+    _mutant(bias_head_broadcast_ignored, "attn_bias", "attn-bias-reference", _naive_caps(dropout=False)),
+    _mutant(backward_writes_bias, "attn_bias", "inputs-unmodified", _naive_caps(dropout=False)),
+    _mutant(bias_read_as_contiguous, "attn_bias", "attn-bias-layout", _naive_caps(dropout=False)),
 ]

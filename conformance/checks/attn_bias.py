@@ -4,12 +4,20 @@ masks (batch, 1, 1, seqlen_k), per-head biases (1, nheads, seqlen_q, seqlen_k), 
 rows the mask leaves no key (the declared masked-row value), a bias of large magnitude (a per-row offset
 far beyond exp's float32 range: only a kernel whose running max includes the bias survives it).
 
+The bias meets each other feature (softcap, window, ALiBi, causal; dropout in the dropout check) where
+the backend declares both, and broadcasts over every dimension, heads-but-not-queries (., nheads, 1,
+seqlen_k) included.
+
 Properties: the output and dq, dk, dv against the float64 reference with the same tensor; with a boolean
 mask, keys and values masked for every query of a batch item are changed and that item's output must not
-change by a bit; the gradient of a float bias (``bias_grad``) against float64 autograd; the bias tensor
-unmodified by the call."""
+change by a bit; the gradient of a float bias (``bias_grad``) against float64 autograd; the same bias
+passed expanded (stride 0 where it broadcasts) and as a strided view gives the reference's output too
+(attn-bias-layout, where ``noncontiguous`` is declared); the bias tensor unmodified by a call, and by a
+forward and backward (inputs-unmodified)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -18,7 +26,8 @@ from conformance.backend import Backend, checked_output, invoke, kwargs_for
 from conformance.case import Case
 from conformance.checks.check import Check
 from conformance.checks.common import against_reference, bitwise_equal
-from conformance.expected import gradient_precisions
+from conformance.checks.forward import _compare as forward_compare
+from conformance.expected import expected, gradient_precisions
 from conformance.inputs import attn_bias, make_inputs
 from conformance.tolerance import GRADIENT_MULTIPLE, compare, max_abs_error
 from conformance.verdict import Verdict
@@ -46,6 +55,11 @@ def intents() -> list[grid.Intent]:
         it("per-batch float bias (batch, 1, seqlen_q, seqlen_k), custom scale, bf16",
            b.replace(attn_bias="add.b1qk", softmax_scale=0.3, dtype="bf16")),
         it("key-padding mask, fp16, decode", b.replace(seqlen_q=1, attn_bias="keep.b11k", dtype="fp16")),
+        it("per-head key bias broadcast over queries (batch, nheads, 1, seqlen_k)", b.replace(attn_bias="add.bh1k")),
+        # the bias beside each other feature, where the backend declares both
+        it("per-head float bias with softcap", b.replace(softcap=5.0)),
+        it("key-padding mask with a sliding window", b.replace(attn_bias="keep.b11k", window=(24, 8))),
+        it("per-head float bias with ALiBi", b.replace(alibi=True)),
         # standard
         *(it(f"{spec} bias, seqlens {sq}/{sk}, {dt}{', causal' if c else ''}",
              b.replace(seqlen_q=sq, seqlen_k=sk, dtype=dt, causal=c, attn_bias=spec), 1, pin=("dtype",))
@@ -55,6 +69,11 @@ def intents() -> list[grid.Intent]:
         it("float bias, fp64 precision", b.replace(dtype="fp64", attn_bias="add.bhqk"), 1, pin=("dtype",)),
         it("key-padding mask, bhsd view", b.replace(layout="bhsd", attn_bias="keep.b11k"), 1),
         it("large bias, large logits", b.replace(magnitude=16, attn_bias="big.1hqk"), 1),
+        it("bool mask (1, nheads, 1, seqlen_k), GQA", b.replace(attn_bias="keep.1h1k", nheads=8, nheads_k=2), 1),
+        it("full float bias with softcap, window and ALiBi, causal",
+           b.replace(attn_bias="add.bhqk", softcap=30.0, window=(48, 0), alibi=True, causal="bottom_right"), 1),
+        it("rows fully masked by the mask, softcap and a window", b.replace(attn_bias="rows.b1qk", softcap=5.0,
+                                                                           window=(16, 16)), 1),
         # full
         *(it(f"{spec} bias over 2048 tokens, {dt}", b.replace(batch=1, seqlen_q=2048, seqlen_k=2048, dtype=dt,
                                                              attn_bias=spec, causal="bottom_right"), 2, pin=("dtype",))
@@ -155,6 +174,8 @@ def compare_bias_gradient(backend: Backend, case: Case, device: str, verdict: Ve
         verdict.fail("dbias", "output is not differentiable although bias_grad is declared")
         return
     got = torch.autograd.grad(out, bias, inputs.dout, allow_unused=True)[0]
+    if not torch.equal(bias.detach(), attn_bias(case, device)):
+        verdict.fail("inputs-unmodified", "the backward modified its attn_bias (requiring grad) in place")
     if got is None:
         verdict.fail("dbias", "no gradient reached the float attn_bias although bias_grad is declared")
         return
@@ -167,18 +188,56 @@ def compare_bias_gradient(backend: Backend, case: Case, device: str, verdict: Ve
                                  max(case.seqlen_q, case.seqlen_k)))
 
 
+def bias_layouts(backend: Backend, case: Case, device: str, verdict: Verdict) -> None:
+    """attn-bias-layout: the same bias passed as a tensor whose memory is not laid out as its shape says
+    must give the same attention. Expanded (``.expand()`` to (batch, nheads, seqlen_q, seqlen_k): stride 0
+    where it broadcasts, as a key-padding mask usually arrives) and strided (a view of a buffer whose
+    rows are 16-element aligned and longer than seqlen_k, the layout xFormers asks for). A kernel reading
+    the bias as if contiguous reads other rows (or past the end of an expanded one's memory). Only for
+    backends that declare non-contiguous inputs."""
+    if not backend.capabilities.noncontiguous:
+        return
+    bias = attn_bias(case, device)
+    full = (case.batch, case.nheads, case.seqlen_q, case.seqlen_k)
+    layouts = [] if tuple(bias.shape) == full else [("expanded", bias.expand(full))]
+    width = -(-case.seqlen_k // 16) * 16 + 16
+    buffer = torch.zeros((*bias.shape[:-1], width), dtype=bias.dtype, device=bias.device)
+    buffer[..., : case.seqlen_k] = bias
+    layouts.append((f"strided (rows {width} apart)", buffer[..., : case.seqlen_k]))
+    inputs = make_inputs(case, device)
+    caps = backend.capabilities
+    exp = expected(case, device, caps.masked_rows, False, caps.accumulation)
+    for what, view in layouts:
+        out = _call(backend, inputs.q, inputs.k, inputs.v, case, view)
+        comparison = forward_compare(out, exp, case)
+        verdict.add("attn-bias-layout", dataclasses.replace(comparison, name=f"out, bias {what}"))
+
+
+def bias_unmodified(backend: Backend, case: Case, device: str, verdict: Verdict) -> None:
+    """inputs-unmodified: the attn_bias after a call without grad, and after a forward and backward (a
+    backward may not write dbias, or anything, into the caller's bias)."""
+    pristine = attn_bias(case, device)
+    backward = backend.capabilities.backward
+    for grad in (False, True) if backward else (False,):
+        inputs = make_inputs(case, device, requires_grad=grad)
+        given = pristine.clone()
+        out = _call(backend, inputs.q, inputs.k, inputs.v, case, given)
+        if grad and out.requires_grad:
+            torch.autograd.grad(out, (inputs.q, inputs.k, inputs.v), inputs.dout)
+        if not torch.equal(given, pristine):
+            verdict.fail("inputs-unmodified", f"the {'forward and backward' if grad else 'call'} modified its attn_bias "
+                                              "in place")
+            return
+
+
 def run(backend: Backend, case: Case, device: str) -> Verdict:
     verdict = Verdict(NAME, backend.name, case, device)
     against_reference(backend, case, device, verdict, "attn-bias-reference")
     masked_keys_do_not_matter(backend, case, device, verdict)
     if backend.capabilities.bias_grad and backend.capabilities.backward and case.bias_kind in ("add", "big"):
         compare_bias_gradient(backend, case, device, verdict)
-    inputs = make_inputs(case, device)
-    bias = attn_bias(case, device)
-    given = bias.clone()
-    _call(backend, inputs.q, inputs.k, inputs.v, case, given)
-    if not torch.equal(given, bias):
-        verdict.fail("inputs-unmodified", "the call modified its attn_bias in place")
+    bias_layouts(backend, case, device, verdict)
+    bias_unmodified(backend, case, device, verdict)
     return verdict
 
 
