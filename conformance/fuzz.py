@@ -57,9 +57,10 @@ def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature:
         # unequal seqlens: 3 draws of 4
         fields["seqlen_k"] = fields["seqlen_q"] if caps.equal_seqlens or draw(_sometimes) else draw(lengths)
         # the check's own feature always; the other features the backend declares one draw in four each
+        # (beside an attn_bias too: a kernel may drop the bias where softcap, a window or ALiBi comes)
         for f in features.FEATURES:
-            if f.name == feature or (feature is None and not f.own_call and getattr(caps, f.name)
-                                     and draw(_sometimes)):
+            if f.name == feature or (feature in (None, "attn_bias") and f.name != feature and not f.own_call
+                                     and getattr(caps, f.name) and draw(_sometimes)):
                 f.draw(draw, fields, max_seqlen)
         own_call = feature in features.BY_NAME and features.BY_NAME[feature].own_call
         sq, sk = fields["seqlen_q"], fields["seqlen_k"]
