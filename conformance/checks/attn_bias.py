@@ -26,8 +26,8 @@ from conformance.backend import Backend, checked_output, invoke, kwargs_for
 from conformance.case import Case
 from conformance.checks.check import Check
 from conformance.checks.common import against_reference, bitwise_equal
-from conformance.checks.forward import _compare as forward_compare
-from conformance.expected import expected, gradient_precisions
+from conformance.checks.forward import output_comparison
+from conformance.expected import gradient_precisions
 from conformance.inputs import attn_bias, make_inputs
 from conformance.tolerance import GRADIENT_MULTIPLE, compare, max_abs_error
 from conformance.verdict import Verdict
@@ -205,11 +205,9 @@ def bias_layouts(backend: Backend, case: Case, device: str, verdict: Verdict) ->
     buffer[..., : case.seqlen_k] = bias
     layouts.append((f"strided (rows {width} apart)", buffer[..., : case.seqlen_k]))
     inputs = make_inputs(case, device)
-    caps = backend.capabilities
-    exp = expected(case, device, caps.masked_rows, False, caps.accumulation)
     for what, view in layouts:
         out = _call(backend, inputs.q, inputs.k, inputs.v, case, view)
-        comparison = forward_compare(out, exp, case)
+        comparison = output_comparison(backend, case, device, out=out, diagnose=False)
         verdict.add("attn-bias-layout", dataclasses.replace(comparison, name=f"out, bias {what}"))
 
 
