@@ -32,7 +32,7 @@ def test_block_sizes_are_realised_in_the_declared_multiple_keeping_the_offsets()
 
 
 def test_flex_kvcache_adapter_reads_a_paged_cache_through_its_mask():
-    """flex's KV-cache function (not declared until run on a GPU): eager flex_attention on the CPU passes
+    """flex's KV-cache function (declared for CUDA, where it runs compiled): eager flex_attention on the CPU passes
     the kvcache check on a contiguous and a paged cache (permuted table, GQA, causal)."""
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -40,8 +40,8 @@ def test_flex_kvcache_adapter_reads_a_paged_cache_through_its_mask():
     from conformance.case import Case
     from conformance.checks import execute
 
-    assert not flex.BACKEND.capabilities.kvcache and not flex.BACKEND.capabilities.paged_kv
-    caps = dataclasses.replace(flex.BACKEND.capabilities, devices=frozenset({"cpu"}), kvcache=True, paged_kv=True)
+    assert flex.BACKEND.capabilities.kvcache and flex.BACKEND.capabilities.paged_kv
+    caps = dataclasses.replace(flex.BACKEND.capabilities, devices=frozenset({"cpu"}))
     eager = dataclasses.replace(flex.BACKEND, capabilities=caps,
                                 kvcache_fn=lambda *a, **k: flex.kvcache_attention(*a, flex=flex_attention, **k))
     for case in (Case(batch=2, seqlen_q=3, seqlen_k=64, nheads=4, nheads_k=2, head_dim=16, causal="bottom_right",

@@ -87,6 +87,9 @@ BACKEND = Backend(
                               window=True, softcap=True, alibi=True, varlen=True, kvcache=True,
                               paged_kv=True, page_block_multiple=256, dropout=True,  # "Paged KV cache block size must be
                               # divisible by 256" (flash-attn 2.x's flash_attn_with_kvcache)
+                              # flash_attn_varlen_func with block_table: the kvcache check's 7 mixed prefill/decode
+                              # cases passed on an H200 (flash-attn 2.8.3)
+                              mixed_batch=True,
                               deterministic_backward=True, **installed_head_dims()),
     description="flash-attn 2.x: flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache",
     unavailable_reasons=unavailable_reasons,
