@@ -7,12 +7,14 @@ kept: consecutive tests of several backends on one case compute it once.
 
 from __future__ import annotations
 
-import functools
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from conformance import reference
+from conformance import reference, threads
 from conformance.case import Case
 from conformance.inputs import Inputs, make_inputs
 from conformance.tolerance import max_abs_error
@@ -76,48 +78,127 @@ def gradient_precisions(dtype: torch.dtype, accumulation: str) -> tuple[str, ...
     return own if "input" in own else (*own, "input")
 
 
-@functools.lru_cache(maxsize=48)
-def _expected(case: Case, device: str, masked_rows: str, grads: bool, accumulation: str) -> Expected:
-    return expected_for(make_inputs(case, device), case, masked_rows, grads, accumulation)
+def _precisions(dtype: torch.dtype, accumulation: str, grads: bool) -> tuple[str, ...]:
+    return gradient_precisions(dtype, accumulation) if grads else yardstick_precisions(dtype, accumulation)
+
+
+def _orders(precision: str) -> tuple[str, ...]:
+    # the tensor-core rounding of P is one more variant of the two orders kernels use
+    return reference.ORDERS if precision != "fp32_p" else ("scale_q", "exp2")
+
+
+# A case's Expected is made of parts, each kept for the next backend on the case (consecutive tests of
+# several backends run one case in a row): the float64 reference with the terms' magnitudes, and the
+# error of each emulated precision. Backends whose declarations differ (one accumulating in the input
+# dtype, one in float32) then share what is the same for both.
+CACHED = 48
+_REFERENCES: OrderedDict = OrderedDict()  # (case, device, masked_rows, grads) -> _compute's parts
+_ERRORS: OrderedDict = OrderedDict()  # the same + (precision,) -> (output, [dq, dk, dv], [row classes'] errors)
+_LOCK = threading.Lock()
+
+
+def _remember(cache: OrderedDict, key, value) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > CACHED * (1 if cache is _REFERENCES else 2):
+        cache.popitem(last=False)
 
 
 def expected(case: Case, device: str, masked_rows: str, grads: bool, accumulation: str = "fp32") -> Expected:
-    """For the case's own inputs (``inputs.make_inputs``). Kept for the last cases seen, so that several
-    backends on one case (and self-tests running many backends over one grid) compute it once."""
+    """For the case's own inputs (``inputs.make_inputs``). Its parts are kept for the last cases seen, so
+    that several backends on one case (and self-tests running many backends over one grid) compute
+    each once."""
     if reference.fully_masked_rows(case) is None:
         masked_rows = "zeros"  # the convention cannot matter: share the entry
     if case.torch_dtype not in (torch.float16, torch.bfloat16):
         accumulation = "fp32"
-    return _expected(case, device, masked_rows, grads, accumulation)
+    key = (case, device, masked_rows, grads)
+    precisions = _precisions(case.torch_dtype, accumulation, grads)
+    with _LOCK:
+        parts = _REFERENCES.get(key)
+        errors = {p: _ERRORS[(*key, p)] for p in precisions if (*key, p) in _ERRORS}
+    missing = [p for p in precisions if p not in errors]
+    if parts is None or missing:
+        parts, computed = _compute(make_inputs(case, device), case, masked_rows, grads, missing, parts)
+        errors.update(computed)
+        with _LOCK:
+            _remember(_REFERENCES, key, parts)
+            for p, e in computed.items():
+                _remember(_ERRORS, (*key, p), e)
+    return _combine(case, accumulation, grads, parts, errors)
 
 
 def expected_for(inputs: Inputs, case: Case, masked_rows: str, grads: bool, accumulation: str = "fp32") -> Expected:
     """For given inputs of the case's shape (a sequence cut from a packed batch, a filled KV cache)."""
-    out, ref_grads = _attention_and_grads(inputs, case, grads, masked_rows=masked_rows)
-    out_err, grad_errs = 0.0, [0.0, 0.0, 0.0]
-    classes = reference.length_classes(case, out.device)
-    class_errs = [0.0] * len(classes or ())
-    for precision in gradient_precisions(case.torch_dtype, accumulation) if grads else \
-            yardstick_precisions(case.torch_dtype, accumulation):
-        # the tensor-core rounding of P is one more variant of the two orders kernels use
-        orders = reference.ORDERS if precision != "fp32_p" else ("scale_q", "exp2")
-        for order in orders:
-            p_out, p_grads = _attention_and_grads(inputs, case, grads, upcast=False, masked_rows=masked_rows,
-                                                  order=order, precision=precision)
-            if precision in yardstick_precisions(case.torch_dtype, accumulation):
-                out_err = max(out_err, max_abs_error(p_out, out))
-                class_errs = [max(e, max_abs_error(p_out[:, rows], out[:, rows]))
-                              for e, (_, _, rows) in zip(class_errs, classes or ())]
-            if grads:
-                flash_grads = reference.flash_backward(inputs.q, inputs.k, inputs.v, inputs.dout, case,
-                                                       masked_rows=masked_rows, order=order, precision=precision)
-                grad_errs = [max(e, max_abs_error(g1, r), max_abs_error(g2, r))
-                             for e, g1, g2, r in zip(grad_errs, p_grads, flash_grads, ref_grads)]
-    magnitudes = reference.term_magnitudes(inputs.q, inputs.k, inputs.v, inputs.dout, case, masked_rows)
+    parts, errors = _compute(inputs, case, masked_rows, grads, _precisions(case.torch_dtype, accumulation, grads))
+    return _combine(case, accumulation, grads, parts, errors)
+
+
+# Cases with at least this many scores (batch x heads x seqlen_q x seqlen_k) have their parts computed
+# in parallel threads (threads.reference_workers()): each part is a long sequence of large tensor
+# operations, which release the GIL; smaller cases are computed in order (threads would only contend).
+PARALLEL_SCORES = 1 << 18
+
+
+def _compute(inputs: Inputs, case: Case, masked_rows: str, grads: bool, precisions, parts=None):
+    """The reference parts (unless given: the float64 output and gradients, the terms' magnitudes, the
+    output's row classes with their rows' magnitudes) and the errors of ``precisions``: (parts,
+    {precision: (output error, [dq, dk, dv errors], [each row class's output error])}). The parts are
+    independent computations, each giving the same numbers whatever thread runs it."""
+    classes = parts[3] if parts is not None else reference.length_classes(case, inputs.q.device)
+    emulated = [("emulated", p, order) for p in precisions for order in _orders(p)]
+    jobs = [] if parts is not None else [("reference",), ("magnitudes",)] + ([("rows",)] if classes else [])
+    jobs += emulated
+
+    def run(job):
+        if job[0] == "reference":
+            return _attention_and_grads(inputs, case, grads, masked_rows=masked_rows)
+        if job[0] == "magnitudes":
+            return reference.term_magnitudes(inputs.q, inputs.k, inputs.v, inputs.dout, case, masked_rows)
+        if job[0] == "rows":
+            return reference.output_row_magnitudes(inputs.q, inputs.k, inputs.v, case, masked_rows)
+        _, precision, order = job
+        p_out, p_grads = _attention_and_grads(inputs, case, grads, upcast=False, masked_rows=masked_rows,
+                                              order=order, precision=precision)
+        flash_grads = reference.flash_backward(inputs.q, inputs.k, inputs.v, inputs.dout, case, masked_rows=masked_rows,
+                                               order=order, precision=precision) if grads else None
+        return p_out, p_grads, flash_grads
+
+    workers = threads.reference_workers()
+    if workers > 1 and len(jobs) > 1 and case.batch * case.nheads * case.seqlen_q * case.seqlen_k >= PARALLEL_SCORES:
+        with ThreadPoolExecutor(min(workers, len(jobs)), thread_name_prefix="attn-reference") as pool:
+            results = list(pool.map(run, jobs))
+    else:
+        results = [run(job) for job in jobs]
+    if parts is None:
+        (out, ref_grads), magnitudes, *results = results
+        row_terms = results.pop(0) if classes else None
+        parts = (out, ref_grads, magnitudes, classes, row_terms)
+    out, ref_grads = parts[:2]
+    errors = {p: (0.0, [0.0, 0.0, 0.0], [0.0] * len(classes or ())) for p in precisions}
+    for (_, precision, _), (p_out, p_grads, flash_grads) in zip(emulated, results):
+        out_err, grad_errs, class_errs = errors[precision]
+        out_err = max(out_err, max_abs_error(p_out, out))
+        class_errs = [max(e, max_abs_error(p_out[:, rows], out[:, rows]))
+                      for e, (_, _, rows) in zip(class_errs, classes or ())]
+        if grads:
+            grad_errs = [max(e, max_abs_error(g1, r), max_abs_error(g2, r))
+                         for e, g1, g2, r in zip(grad_errs, p_grads, flash_grads, ref_grads)]
+        errors[precision] = (out_err, grad_errs, class_errs)
+    return parts, errors
+
+
+def _combine(case: Case, accumulation: str, grads: bool, parts, errors: dict) -> Expected:
+    """The Expected of a declaration: the output's errors (whole and per row class) over its yardstick
+    precisions; the gradients' over the gradient precisions (which add the input-dtype computation for
+    16-bit inputs)."""
+    out, ref_grads, magnitudes, classes, row_terms = parts
+    own = yardstick_precisions(case.torch_dtype, accumulation)
+    out_err = max(errors[p][0] for p in own)
+    grad_errs = [max(errors[p][1][i] for p in errors) for i in range(3)]
     out_classes = None
     if classes:
-        row_terms = reference.output_row_magnitudes(inputs.q, inputs.k, inputs.v, case, masked_rows)
-        out_classes = tuple(RowClass(lo, hi, rows, err, float(row_terms[rows].max()))
-                            for (lo, hi, rows), err in zip(classes, class_errs))
+        out_classes = tuple(RowClass(lo, hi, rows, max(errors[p][2][i] for p in own), float(row_terms[rows].max()))
+                            for i, (lo, hi, rows) in enumerate(classes))
     return Expected(out, out_err, magnitudes[0], magnitudes[4], ref_grads, tuple(grad_errs) if grads else None,
                     magnitudes[1:4] if grads else None, out_classes)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 MAX_THREADS = 1
+MAX_REFERENCE_WORKERS = 4  # threads for the parts of a large case's reference (expected.py), at most
 USER_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -44,3 +45,18 @@ def limit(environ=None) -> int:
     if user_setting(environ) is None and torch.get_num_threads() > default_threads():
         torch.set_num_threads(default_threads())
     return torch.get_num_threads()
+
+
+def reference_workers(environ=None) -> int:
+    """Threads the judge may use for the independent parts of a large case's reference (expected.py):
+    the cores this process may run on, at most ``MAX_REFERENCE_WORKERS``, or the user's
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``. Each part is long and runs on one thread (no barriers
+    to wait at), and the kernel's process is idle meanwhile."""
+    environ = os.environ if environ is None else environ
+    name = user_setting(environ)
+    if name is not None:
+        try:
+            return max(1, int(environ[name].strip()))
+        except ValueError:
+            return 1
+    return max(1, min(cores_available(), MAX_REFERENCE_WORKERS))
