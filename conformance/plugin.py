@@ -202,7 +202,16 @@ class Conformance:
         if self.session is None:
             return None
         s = self.session.selection
-        named = ", ".join(s.backend_specs) or "every backend available here (see --attn-list-backends)"
+        named = "every backend usable here (see --attn-list-backends)"
+        if s.backend_specs:
+            named = ", ".join(s.backend_specs)
+        elif not self.config.pluginmanager.has_plugin("dsession"):  # not a pytest-xdist controller (no kernel here)
+            try:  # the ones this run tests
+                usable = [b.name for b in s.backends()]
+                named = (", ".join(usable) + " (every backend usable here; --backend to choose)" if usable
+                         else "none usable here (see --attn-list-backends)")
+            except Exception:  # noqa: BLE001 - the collection reports it; the header must not fail first
+                pass
         lines = [f"attention-conformance: device {s.device}, tier {s.tier}, backends: {named}"]
         if not self.session.runner.protected:
             lines.append("attention-conformance: --isolation=none: kernels run in this process, so a kernel can "

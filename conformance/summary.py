@@ -85,18 +85,59 @@ def reason_key(reason: str) -> tuple[str, bool]:
     return bare, bare != reason
 
 
+# A reason's family: the reason with the case's own values (a head dim, a length, a dtype...) taken out;
+# what the backend declared ("declared: ...", "multiple of 128", "maximum 4096") stays in the text.
+_DECLARED = r"declared:[^;)]*\)?|multiples? of \d+|maximum \d+"
+_VALUE = r"\b\d+(?:/\d+)*\b|\b(?:fp16|bf16|fp32|fp64|top_left|bottom_right)\b|(?<=\()(?:packed|bhsd)(?=\))"
+_FAMILY = re.compile(f"({_DECLARED})|({_VALUE})")
+VALUE = "*"
+VALUES_SHOWN = 8
+
+
+def reason_family(reason: str) -> tuple[str, tuple[str, ...]]:
+    """(the reason with each value of the case replaced by "*", those values)."""
+    values: list[str] = []
+
+    def sub(m):
+        if m.group(1):
+            return m.group(1)
+        values.append(m.group(2))
+        return VALUE
+
+    return _FAMILY.sub(sub, reason), tuple(values)
+
+
+def _natural(text: str):
+    return [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"(\d+)", text) if x]
+
+
+def values_text(values) -> str:
+    """The values a reason family was given for, compactly: sorted, at most ``VALUES_SHOWN``."""
+    ordered = sorted(set(values), key=_natural)
+    shown = ", ".join(ordered[:VALUES_SHOWN])
+    return shown + (f", ... ({len(ordered)} values)" if len(ordered) > VALUES_SHOWN else "")
+
+
 def skip_reasons(records: list[dict], backend: str, width: int = WIDTH, shown: int | None = REASONS_SHOWN) -> list[str]:
     """The backend's skipped cases (oom and not run included) per reason, most cases first: each case
-    counted once per reason it gives, with the checks it was skipped in."""
+    counted once per reason it gives, with the checks it was skipped in. Reasons that differ only in
+    the case's values (a head dim, a length) count as one, their values listed."""
     cases: Counter = Counter()
     intents: Counter = Counter()
     where: dict = defaultdict(dict)
+    values: dict = defaultdict(list)
     skipped = 0
     for r in records:
         if r["backend"] != backend or PROBLEMS.get(r["outcome"], r["outcome"]) != "skipped":
             continue
         skipped += 1
-        keys = dict(reason_key(x) for x in r.get("reasons") or ["(no reason recorded)"])
+        keys: dict = {}
+        for reason in r.get("reasons") or ["(no reason recorded)"]:
+            bare, intent = reason_key(reason)
+            family, given = reason_family(bare)
+            keys[family] = keys.get(family, False) or intent
+            if given:
+                values[family].append("/".join(given))
         for key, intent in keys.items():
             cases[key] += 1
             intents[key] += intent
@@ -111,7 +152,8 @@ def skip_reasons(records: list[dict], backend: str, width: int = WIDTH, shown: i
     lines = _wrap(head, width, "    ")
     for key, n in listed:
         note = f"; {intents[key]} as intents not realisable" if intents[key] else ""
-        lines += _wrap(f"{n:>6}  {key} [{', '.join(where[key])}{note}]", width, " " * 8)
+        given = f" ({VALUE} = {values_text(values[key])})" if values[key] else ""
+        lines += _wrap(f"{n:>6}  {key}{given} [{', '.join(where[key])}{note}]", width, " " * 8)
     return lines
 
 

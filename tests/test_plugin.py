@@ -357,3 +357,27 @@ def test_module_form_import_string_from_the_current_folder(tmp_path):
                              "--check=forward", "--case=b2_q17_k17_h4_d32_fp32_seed1", "--results-file="],
                             cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-1500:] + result.stderr[-500:]
+
+
+def test_the_header_names_the_backends_a_default_run_tests():
+    from types import SimpleNamespace
+
+    from conformance.plugin import Conformance
+
+    def header(specs, backends):
+        selection = SimpleNamespace(device="cpu", tier="standard", backend_specs=specs, backends=backends)
+        plugin = Conformance(SimpleNamespace(pluginmanager=SimpleNamespace(has_plugin=lambda name: False)))
+        plugin.session = SimpleNamespace(selection=selection, runner=SimpleNamespace(protected=True))
+        return plugin.pytest_report_header()
+
+    named = lambda: [SimpleNamespace(name=n) for n in ("naive", "sdpa-math", "tiled")]  # noqa: E731
+    assert header([], named) == ["attention-conformance: device cpu, tier standard, backends: naive, sdpa-math, "
+                                 "tiled (every backend usable here; --backend to choose)"]
+    assert header(["mine.py:f"], named) == ["attention-conformance: device cpu, tier standard, backends: mine.py:f"]
+
+    assert header([], lambda: [])[0].endswith("backends: none usable here (see --attn-list-backends)")
+
+    def broken():
+        raise RuntimeError("the kernel process did not start")
+
+    assert header([], broken)[0].endswith("backends: every backend usable here (see --attn-list-backends)")

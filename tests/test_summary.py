@@ -93,17 +93,41 @@ def test_skip_reasons_count_cases_and_all_are_available():
     records = [_case("mine", "window", "skipped", [f"intent not realisable (window {i}, fp16 (x)): window not supported"])
                for i in range(9)]
     records += [_case("mine", "window", "skipped", ["window not supported"], fuzz=True)]
-    records += [_case("mine", "forward", "skipped", [f"reason {i}", "dtype fp16 not supported"]) for i in range(6)]
+    records += [_case("mine", "forward", "skipped", [f"reason {w}", "dtype fp16 not supported"])
+                for w in ("one", "two", "three", "four", "five", "six")]
     records += [_case("mine", "speed", "skipped", ["needs a GPU"]), _case("mine", "forward")]
     lines = summary.table(records)
     text = "\n".join(lines)
     assert "skipped cases of mine: 17, by reason (top 5 of 9; all: attn-conformance summary):" in lines
     assert "    10  window not supported [window, fuzz window; 9 as intents not realisable]" in lines
-    assert "     6  dtype fp16 not supported [forward]" in lines  # each case once per reason it gives
+    assert "     6  dtype * not supported (* = fp16) [forward]" in lines  # each case once per reason it gives
     assert "needs a GPU" not in text
     everything = summary.skip_reasons(records, "mine", shown=None)
     assert "     1  needs a GPU [speed]" in everything and len(everything) == 1 + 9
     assert len(summary.skip_reasons(records[:10] + records[-2:], "mine")) == 1 + 2  # all shown when few
+
+
+def test_skip_reasons_differing_in_the_cases_values_are_one_family_counted_in_cases():
+    caps = "(declared: 16-256 (multiples of 8))"
+    records = [_case("mine", "forward", "skipped", [f"head dim {d} not supported {caps}"]) for d in (59, 111, 59)]
+    records += [_case("mine", "gradients", "skipped", [f"intent not realisable (head dim {d}): head dim {d} is the "
+                                                       f"intent; declared: 16-256; seqlens 17/129 are the intent; "
+                                                       f"declared: multiples of 128"]) for d in (80, 96)]
+    records += [_case("mine", "forward", "skipped", [f"seqlen {n} is not a multiple of 128"]) for n in range(1, 12)]
+    records += [_case("mine", "forward", "skipped", ["GQA (nheads 4, nheads_k 2) not supported",
+                                                     "dtype fp64 not supported (declared: bf16, fp16)"])]
+    lines = summary.skip_reasons(records, "mine", shown=None)
+    assert lines[0] == "skipped cases of mine: 17, by reason:"
+    assert "    11  seqlen * is not a multiple of 128 (* = 1, 2, 3, 4, 5, 6, 7, 8, ... (11 values)) [forward]" in lines
+    assert f"     3  head dim * not supported {caps} (* = 59, 111) [forward]" in lines
+    assert all(len(line) <= 100 for line in lines)
+    assert ("2  head dim * is the intent; declared: 16-256; seqlens * are the intent; declared: multiples of 128 "
+            "(* = 80/17/129, 96/17/129) [gradients; 2 as intents") in " ".join(line.strip() for line in lines)
+    assert "     1  GQA (nheads *, nheads_k *) not supported (* = 4/2) [forward]" in lines
+    assert "     1  dtype * not supported (declared: bf16, fp16) (* = fp64) [forward]" in lines
+    assert summary.reason_family("causal alignment top_left not supported (declared: bottom_right)") == (
+        "causal alignment * not supported (declared: bottom_right)", ("top_left",))
+    assert summary.reason_family("non-contiguous inputs (packed) not supported")[1] == ("packed",)
 
 
 def test_the_journal_summary_lists_every_skip_reason(tmp_path, capsys):
@@ -111,10 +135,10 @@ def test_the_journal_summary_lists_every_skip_reason(tmp_path, capsys):
 
     journal = results.Journal(tmp_path / "j.jsonl", {"device": "cpu", "tier": "quick"})
     for i in range(8):
-        journal.write(_case("mine", "forward", "skipped", [f"reason {i}"]))
+        journal.write(_case("mine", "forward", "skipped", [f"reason {chr(97 + i)}"]))
     journal.write(_case("mine", "forward"))
     journal.write({"record": "end", "exitstatus": 0})
     journal.close()
     assert cli.main(["summary", str(tmp_path / "j.jsonl")]) == 0
     out = capsys.readouterr().out
-    assert all(f"     1  reason {i} [forward]" in out for i in range(8)) and "all: attn-conformance" not in out
+    assert all(f"     1  reason {chr(97 + i)} [forward]" in out for i in range(8)) and "all: attn-conformance" not in out
