@@ -86,10 +86,11 @@ def reason_key(reason: str) -> tuple[str, bool]:
 
 
 # A reason's family: the reason with the case's own values (a head dim, a length, a dtype...) taken out;
-# what the backend declared ("declared: ...", "multiple of 128", "maximum 4096") stays in the text.
-_DECLARED = r"declared:[^;)]*\)?|multiples? of \d+|maximum \d+"
-_VALUE = r"\b\d+(?:/\d+)*\b|\b(?:fp16|bf16|fp32|fp64|top_left|bottom_right)\b|(?<=\()(?:packed|bhsd)(?=\))"
-_FAMILY = re.compile(f"({_DECLARED})|({_VALUE})")
+# what the backend declared ("declared: ...", "a multiple of 128", "the maximum 4096") stays in the text.
+_SUBJECT = r"\b(head dim|seqlens?|nheads(?:_k)?|dtype|alignment|block size|inputs|is the intent) "
+_TOKEN = r"\d+(?:/\d+)*|fp16|bf16|fp32|fp64|fp8|top_left|bottom_right|packed|bhsd"
+_VALUE = rf"(\((?:{_TOKEN})\)|(?:{_TOKEN}))(?=[\s,;)]|$)"
+_FAMILY = re.compile(_SUBJECT + _VALUE)
 VALUE = "*"
 VALUES_SHOWN = 8
 
@@ -99,10 +100,10 @@ def reason_family(reason: str) -> tuple[str, tuple[str, ...]]:
     values: list[str] = []
 
     def sub(m):
-        if m.group(1):
-            return m.group(1)
-        values.append(m.group(2))
-        return VALUE
+        value = m.group(2)
+        bracketed = value.startswith("(")
+        values.append(value[1:-1] if bracketed else value)
+        return f"{m.group(1)} " + (f"({VALUE})" if bracketed else VALUE)
 
     return _FAMILY.sub(sub, reason), tuple(values)
 

@@ -128,6 +128,8 @@ def test_skip_reasons_differing_in_the_cases_values_are_one_family_counted_in_ca
     assert summary.reason_family("causal alignment top_left not supported (declared: bottom_right)") == (
         "causal alignment * not supported (declared: bottom_right)", ("top_left",))
     assert summary.reason_family("non-contiguous inputs (packed) not supported")[1] == ("packed",)
+    crash = "not run: k crashed or timed out on 2 cases in a row (--crash-limit)"  # a setting, not the case's
+    assert summary.reason_family(crash) == (crash, ())
 
 
 def test_the_journal_summary_lists_every_skip_reason(tmp_path, capsys):
