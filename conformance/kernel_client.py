@@ -17,8 +17,10 @@ import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import tempfile
 import weakref
+from multiprocessing import reduction
 
 import torch
 
@@ -38,6 +40,7 @@ class KernelProcess:
         self._context = multiprocessing.get_context("spawn")
         self._process = None
         self._conn = None
+        self._sock = None  # the connection's socket, for the file descriptors of shared tensors
         self._next_id = 0
         self._log = tempfile.NamedTemporaryFile(prefix="attn-conformance-kernel-", suffix=".log", delete=False)
         _LIVE.add(self)
@@ -52,10 +55,10 @@ class KernelProcess:
                                               name="attn-conformance-kernel")
         self._process.start()
         child.close()
-        self._conn = parent
+        self._conn, self._sock = parent, connection_socket(parent)
         try:
-            ready = parent.poll(STARTUP_LIMIT) and _load_reply(parent.recv_bytes()) == "ready"
-        except (EOFError, OSError):
+            ready = parent.poll(STARTUP_LIMIT) and receive(parent, self._sock, _ReplyUnpickler, 10) == "ready"
+        except (EOFError, OSError, ProtocolError, pickle.UnpicklingError):
             ready = False
         if not ready:
             code = self.stop()
@@ -76,7 +79,8 @@ class KernelProcess:
             _kill_group(process.pid)  # it died: kill what it left behind (a forked child holding the pipe)
         process.join(10)
         self._conn.close()
-        self._conn = None
+        self._sock.close()
+        self._conn = self._sock = None
         return process.exitcode
 
     def close(self) -> None:
@@ -104,7 +108,7 @@ class KernelProcess:
         request_id = self._next_id
         log_start = os.path.getsize(self._log.name)
         limit = timeout if timeout is not None else self.call_timeout
-        self._conn.send((request_id, op, args))
+        send(self._conn, self._sock, (request_id, op, args))
         try:
             status, payload = self._wait(request_id, limit, log_start)
         except BaseException:
@@ -135,13 +139,12 @@ class KernelProcess:
         while True:
             if self._conn.poll(POLL_S):
                 try:
-                    data = self._conn.recv_bytes()
+                    reply_id, status, payload = receive(self._conn, self._sock, _ReplyUnpickler,
+                                                        max(POLL_S, (limit or STARTUP_LIMIT) - waited))
                 except (EOFError, OSError):  # the process died mid-call: its end of the pipe closed
                     self._process.join(10)
                     raise KernelCrashed(self._death(log_start)) from None
-                try:
-                    reply_id, status, payload = _load_reply(data)
-                except (pickle.UnpicklingError, ValueError, TypeError) as exc:
+                except (pickle.UnpicklingError, ValueError, TypeError, RuntimeError, ProtocolError) as exc:
                     self.stop()
                     raise ContractError(f"the kernel's process sent something other than tensors and plain data "
                                         f"({exc}); the judge does not load it") from None
@@ -238,6 +241,13 @@ class _ReplyUnpickler(pickle.Unpickler):
                    "rebuild_tensor", "rebuild_cuda_tensor", "rebuild_storage_fd", "rebuild_storage_empty",
                    "rebuild_typed_storage", "rebuild_typed_storage_child"))}
 
+    def __init__(self, file, fds: list[int] = ()):
+        super().__init__(file)
+        self.fds = list(fds)
+
+    def persistent_load(self, pid):
+        return storage_from_fd(self.fds, pid)
+
     def find_class(self, module, name):
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
@@ -246,8 +256,93 @@ class _ReplyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused {module}.{name}")
 
 
-def _load_reply(data: bytes):
-    return _ReplyUnpickler(io.BytesIO(data)).load()
+# -- the wire -------------------------------------------------------------------------------------
+# A message is one pickle sent with Connection.send_bytes, led by the number of file descriptors that
+# follow it over the same socket (SCM_RIGHTS): one per CPU tensor storage, which lives in shared memory
+# (torch.multiprocessing's file-descriptor strategy). multiprocessing's own hand-over (DupFd) opens a
+# connection to a thread of the sending process, with an authentication handshake, for each storage:
+# a call with q, k, v and an output took a dozen wake-ups of the two processes, each a wait for a core
+# on a busy machine. Here a call is one message each way.
+
+FD_BATCH = 200  # descriptors per SCM_RIGHTS message (the kernel accepts at most 253)
+MAX_FDS = 4096  # more in one message is a malformed message, not a call
+
+
+class ProtocolError(Exception):
+    """A message that does not follow the wire format (its file descriptors missing or malformed)."""
+
+
+class _SharingPickler(reduction.ForkingPickler):
+    """torch.multiprocessing's pickling, each CPU storage's descriptor collected to send beside."""
+
+    def __init__(self, file):
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self.fds: list[int] = []
+
+    def persistent_id(self, obj):
+        if type(obj) is torch.UntypedStorage and obj.device.type == "cpu" and obj.nbytes() > 0:
+            from torch.multiprocessing.reductions import StorageWeakRef, fd_id, shared_cache
+
+            fd, size = obj._share_fd_cpu_()
+            shared_cache[fd_id(fd)] = StorageWeakRef(obj)  # as torch's reduce_storage does
+            self.fds.append(fd)
+            return ("fd", len(self.fds) - 1, size)
+        return None
+
+
+def connection_socket(conn) -> socket.socket:
+    """A socket on the connection's own descriptor (a duplicate), to pass descriptors through."""
+    return socket.socket(fileno=os.dup(conn.fileno()))
+
+
+def send(conn, sock: socket.socket, obj) -> None:
+    """Pickle first (a failure sends nothing), then the message and its descriptors."""
+    buffer = io.BytesIO()
+    pickler = _SharingPickler(buffer)
+    pickler.dump(obj)
+    conn.send_bytes(len(pickler.fds).to_bytes(4, "little") + buffer.getbuffer())
+    for i in range(0, len(pickler.fds), FD_BATCH):
+        reduction.sendfds(sock, pickler.fds[i:i + FD_BATCH])
+
+
+def receive(conn, sock: socket.socket, unpickler, fd_wait: float):
+    """The next message, loaded by ``unpickler(file, fds)``; its descriptors are closed afterwards (the
+    storages map them). ``fd_wait``: seconds its descriptors may take to follow it."""
+    data = conn.recv_bytes()
+    if len(data) < 4:
+        raise ProtocolError("a message shorter than its header")
+    n = int.from_bytes(data[:4], "little")
+    if n > MAX_FDS:
+        raise ProtocolError(f"a message announcing {n} file descriptors")
+    fds: list[int] = []
+    try:
+        while len(fds) < n:
+            if not conn.poll(fd_wait):
+                raise ProtocolError(f"{n - len(fds)} announced file descriptors did not follow")
+            fds += reduction.recvfds(sock, min(FD_BATCH, n - len(fds)))
+        return unpickler(io.BytesIO(memoryview(data)[4:]), fds).load()
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def storage_from_fd(fds: list[int], pid) -> torch.UntypedStorage:
+    """The storage a persistent id ("fd", index, size) names, mapped from its descriptor (or the mapping
+    this process already has of the same memory, as torch's rebuild_storage_fd does)."""
+    from torch.multiprocessing.reductions import StorageWeakRef, fd_id, shared_cache, storage_from_cache
+
+    if not (isinstance(pid, tuple) and len(pid) == 3 and pid[0] == "fd" and type(pid[1]) is int
+            and type(pid[2]) is int and 0 <= pid[1] < len(fds) and pid[2] >= 0):
+        raise pickle.UnpicklingError(f"refused persistent id {pid!r}")
+    fd, size = fds[pid[1]], pid[2]
+    if os.fstat(fd).st_size < size:  # mapping past the end of the memory would crash on access (SIGBUS)
+        raise pickle.UnpicklingError(f"a storage of {size} bytes in shared memory of {os.fstat(fd).st_size}")
+    key = fd_id(fd)
+    storage = storage_from_cache(torch.UntypedStorage, key)
+    if storage is None:
+        storage = torch.UntypedStorage._new_shared_fd_cpu(fd, size)
+        shared_cache[key] = StorageWeakRef(storage)
+    return storage
 
 
 def _own(payload):

@@ -192,3 +192,46 @@ def test_a_backend_with_no_passing_case_is_not_a_pass(pytester):
     result = pytester.runpytest_subprocess(*SUITE, "--backend=k.py:kernel")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*nothing tested: no case of backend k.py:kernel passed*"])
+
+
+def test_the_wire_hands_shared_memory_over_with_the_message_and_refuses_malformed_ones():
+    """A tensor crosses as its shared memory, its descriptor passed with the message (no resource-sharer
+    thread and handshake per storage); announced descriptors that never come, or a storage larger than
+    its memory, are refused, never waited for or mapped."""
+    import multiprocessing
+    import pickle
+    from multiprocessing import reduction, resource_sharer
+
+    import torch
+
+    from conformance import kernel_client as kc
+
+    a, b = multiprocessing.Pipe()
+    sa, sb = kc.connection_socket(a), kc.connection_socket(b)
+    fds = []
+    try:
+        q = torch.arange(12.0).reshape(3, 4)
+        kc.send(a, sa, (7, "call", (q[1:], {"scale": 0.5})))
+        request_id, op, (view, kwargs) = kc.receive(b, sb, kc._ReplyUnpickler, 5)
+        assert (request_id, op, kwargs) == (7, "call", {"scale": 0.5}) and torch.equal(view, q[1:])
+        view[0, 0] = -1.0  # the same memory: what the kernel writes into its inputs, the judge sees
+        assert q[1, 0] == -1.0
+        assert resource_sharer._resource_sharer._listener is None  # no hand-over thread was started
+        a.send_bytes((2).to_bytes(4, "little") + pickle.dumps(None))  # two descriptors announced, none sent
+        with pytest.raises(kc.ProtocolError, match="did not follow"):
+            kc.receive(b, sb, kc._ReplyUnpickler, 0.1)
+        small = torch.zeros(4)
+        kc.send(a, sa, small)
+        assert b.poll(5)
+        data = b.recv_bytes()
+        fds = reduction.recvfds(sb, 1)
+        with pytest.raises(pickle.UnpicklingError, match="shared memory of"):
+            kc.storage_from_fd(fds, ("fd", 0, 1 << 20))  # 1 MiB claimed of 16 bytes
+        with pytest.raises(pickle.UnpicklingError, match="refused persistent id"):
+            kc.storage_from_fd(fds, ("fd", 1, 16))
+        assert data[:4] == (1).to_bytes(4, "little")
+    finally:
+        for x in (a, b, sa, sb):
+            x.close()
+        for fd in fds:
+            os.close(fd)
