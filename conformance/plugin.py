@@ -181,6 +181,9 @@ class Conformance:
         workerinput = getattr(config, "workerinput", None)  # set in a pytest-xdist worker
         if workerinput is not None:
             workers.pin(workerinput)  # before anything can start CUDA here
+        from conformance import threads
+
+        threads.huge_pages()  # before the first tensor here and the kernel's process (threads.py)
         from conformance.fuzz_driver import register_profiles
         from conformance.results import ResultsFileError
         from conformance.selection import SelectionError
@@ -192,7 +195,7 @@ class Conformance:
         except (SelectionError, ResultsFileError) as exc:
             raise pytest.UsageError(str(exc)) from None
         config.stash[SESSION] = self.session = session
-        from conformance import progress, threads  # where the run is; the judge's torch threads on a busy machine
+        from conformance import progress  # where the run is; the judge's torch threads on a busy machine
 
         config.pluginmanager.register(progress.Progress(config), "attention-conformance-progress")
         threads.limit()

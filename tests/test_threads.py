@@ -59,3 +59,10 @@ def test_the_judge_limits_its_threads_unless_the_user_chose(pytester, monkeypatc
         torch.set_num_threads(before)
     chosen.stdout.fnmatch_lines([f"*judge threads {threads.MAX_THREADS + 1}*"])
     default.stdout.fnmatch_lines([f"*judge threads {threads.default_threads()}*"])
+
+
+def test_huge_pages_for_large_tensors_unless_the_user_chose():
+    env = {}
+    assert threads.huge_pages(env) and env == {threads.HUGE_PAGES: "1"}
+    env = {threads.HUGE_PAGES: "0"}
+    assert not threads.huge_pages(env) and env == {threads.HUGE_PAGES: "0"}
