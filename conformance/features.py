@@ -96,8 +96,12 @@ def _draw_cache(draw, fields, max_seqlen):
 def _draw_attn_bias(draw, fields, max_seqlen):
     from hypothesis import strategies as st
 
-    fields["attn_bias"] = draw(st.sampled_from(BIAS_KINDS)) + "." + "".join(draw(st.sampled_from((c, "1")))
-                                                                            for c in "bhqk")
+    # along the keys 3 draws in 4: a float bias constant over the keys is a constant shift, which the
+    # softmax cancels, and a boolean one keeps or drops whole rows
+    pattern = "".join(draw(st.sampled_from((c, "1") if c != "k" else ("k", "k", "k", "1"))) for c in "bhqk")
+    fields["attn_bias"] = draw(st.sampled_from(BIAS_KINDS)) + "." + pattern
+    if "b" in pattern:  # a bias per batch item over one item tests nothing of its broadcast
+        fields["batch"] = 2
 
 
 def _draw_page(draw, fields, max_seqlen):

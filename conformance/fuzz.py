@@ -21,6 +21,7 @@ EDGES = (1, 2, 16, 17, 63, 64, 65, 127, 128, 129, 160)
 # Optional features a check does not need (window, softcap, ALiBi in the forward check) come in one draw
 # of four each, so most draws test the check's own subject; features.py holds each feature's draw.
 _sometimes = st.integers(0, 3).map(lambda x: x == 0)
+_often = st.integers(0, 2).map(lambda x: x == 0)
 
 
 def profile(name: str) -> settings:
@@ -56,11 +57,13 @@ def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature:
         fields = dict(batch=draw(st.integers(1, 2)), seqlen_q=draw(lengths))
         # unequal seqlens: 3 draws of 4
         fields["seqlen_k"] = fields["seqlen_q"] if caps.equal_seqlens or draw(_sometimes) else draw(lengths)
-        # the check's own feature always; the other features the backend declares one draw in four each
-        # (beside an attn_bias too: a kernel may drop the bias where softcap, a window or ALiBi comes)
+        # the check's own feature always; the other features the backend declares one draw in four each,
+        # beside an attn_bias or dropout one in three (those checks' subject is the bias or the mask with
+        # whatever else comes: a kernel may drop the bias where softcap, a window, ALiBi or dropout comes)
+        others = _often if feature == "attn_bias" or "dropout" in needs else _sometimes
         for f in features.FEATURES:
             if f.name == feature or (feature in (None, "attn_bias") and f.name != feature and not f.own_call
-                                     and getattr(caps, f.name) and draw(_sometimes)):
+                                     and getattr(caps, f.name) and draw(others)):
                 f.draw(draw, fields, max_seqlen)
         own_call = feature in features.BY_NAME and features.BY_NAME[feature].own_call
         sq, sk = fields["seqlen_q"], fields["seqlen_k"]
