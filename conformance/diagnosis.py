@@ -216,8 +216,8 @@ def diagnose_output(case: Case, out: torch.Tensor, masked_rows: str, comparison:
         with torch.no_grad():
             alt = h.fn(q, k, v)
             err, nonfinite = _mismatch(actual, alt)
-            scaled = err if isinstance(bound, float) else _mismatch(actual / bound, alt / bound)[0]
-        scored.append((scaled / (bound if isinstance(bound, float) else 1.0), nonfinite == 0, h))
+            scaled = err / bound if isinstance(bound, float) else max_abs_error(actual / bound, alt / bound)
+        scored.append((scaled, nonfinite == 0, h))
         errors[id(h)] = err
     picked = _pick(scored, given)
     if picked is not None:
