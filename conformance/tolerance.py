@@ -147,9 +147,8 @@ def bound(torch_error: float, magnitude: float, dtype: torch.dtype, multiple: fl
 
 def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     """Largest |actual - reference| where both are finite (non-finite values are counted elsewhere)."""
-    diff = actual.detach().to(reference.device, torch.float64) - reference
-    diff = diff[torch.isfinite(diff)]
-    return float(diff.abs().max()) if diff.numel() else 0.0
+    diff = actual.detach().to(reference.device, torch.float64) - reference  # a new tensor: changed in place
+    return float(diff.abs_().nan_to_num_(0.0, 0.0, 0.0).max()) if diff.numel() else 0.0
 
 
 def compare(name: str, actual: torch.Tensor, reference: torch.Tensor, torch_error: float, magnitude: float,
@@ -159,7 +158,6 @@ def compare(name: str, actual: torch.Tensor, reference: torch.Tensor, torch_erro
     actual = actual.detach().to(reference.device, torch.float64)
     ref_nan = torch.isnan(reference)
     nonfinite = int(((~torch.isfinite(actual)) & ~ref_nan).sum() + (ref_nan & ~torch.isnan(actual)).sum())
-    finite = reference[torch.isfinite(reference)]
-    value = float(finite.abs().max()) if finite.numel() else 0.0
+    value = float(reference.abs().nan_to_num_(0.0, 0.0, 0.0).max()) if reference.numel() else 0.0
     return Comparison(name, max_abs_error(actual, reference),
                       bound(torch_error, magnitude, dtype, multiple, n, value, logits), torch_error, nonfinite)

@@ -98,3 +98,13 @@ def test_a_single_key_dv_from_a_probability_one_ulp_of_the_logit_off_passes():
         args = ("dv", dv, exp.grads[2], exp.grad_torch_errors[2], exp.grad_magnitudes[2], torch.float32,
                 GRADIENT_MULTIPLE, 1)
         assert compare(*args, exp.logit_magnitude).passed and not compare(*args).passed, seed
+
+
+def test_max_abs_error_leaves_out_non_finite_differences():
+    import torch
+
+    from conformance.tolerance import max_abs_error
+
+    ref = torch.zeros(4, dtype=torch.float64)
+    assert max_abs_error(torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0]), ref) == 1.0
+    assert max_abs_error(torch.tensor([float("nan")]), ref[:1]) == 0.0
