@@ -326,7 +326,7 @@ def parametrize(check, backends, device: str, tier: str, case_ids=()) -> list[tu
     """(backend, case, reasons or None) for the plugin: exact ``--case`` ids as given; otherwise each
     backend's realised grid, ordered case-major (a case shared by several backends runs for all of them
     in a row, so the reference is computed once), every intent it cannot realise as a skip with reasons.
-    Checks without intents (memory, speed: templates and benchmarks) keep their fixed ``cases(tier)``."""
+    Checks without intents (speed: its benchmarks) keep their fixed ``cases(tier)``."""
     if case_ids:
         return [(b, Case.from_id(i), None) for i in case_ids for b in backends]
     if check.intents is None:

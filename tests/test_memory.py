@@ -30,3 +30,15 @@ def test_memory_budget_reports_the_longest_length_within_it():
     verdict = execute("memory", naive.BACKEND, memory_check.cases("quick")[0], "cpu",
                       RunOptions(tier="quick", memory_budget_gb=30 / 1024))
     assert verdict.measurements["fwd"]["longest_within_budget"] == 512  # 22 MiB at 512, 76 MiB at 1024
+
+
+def test_templates_are_realised_in_each_backends_dtypes():
+    from conformance import grid
+    from conformance.checks import CHECKS
+
+    def dtypes(**declared):
+        caps = naive.BACKEND.capabilities.updated(declared) if declared else naive.BACKEND.capabilities
+        return {r.case.dtype for r in grid.for_backend(CHECKS["memory"], caps, "cpu", "quick")}
+
+    assert dtypes() == {"bf16"}  # a 16-bit dtype's bytes; PyTorch's CPU bf16 matmul, not its far slower fp16 one
+    assert dtypes(dtypes=["fp16"]) == {"fp16"}  # a kernel with fp16 only has its memory measured too
