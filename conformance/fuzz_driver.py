@@ -112,11 +112,16 @@ def fuzz_check(session, backend, check: str, learnt: dict, replay_folder: Path |
     file = replay_file(backend.name, check, replay_folder)
     saved = saved_cases(file)
     failing: list[Case] = []
+    # Distinct draws may map to one case (hypothesis tells draws apart, not cases): each case is judged
+    # once per fuzz test, and a repeat, or hypothesis' replay of the failing one, gets its result.
+    judged: dict[str, object] = {}
 
     def example(case):
         if session.given_up_on(backend):
             hypothesis.reject()
-        result = session.run(check, backend, case)
+        result = judged.get(case.id)
+        if result is None:
+            result = judged[case.id] = session.run(check, backend, case)
         hypothesis.assume(result.outcome not in (Outcome.SKIPPED, Outcome.OOM))
         failure = session.failure_text(check, backend, case, result)
         if failure:  # the last failure reported is the minimal one hypothesis replays

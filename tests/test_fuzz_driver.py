@@ -69,3 +69,23 @@ def test_failure_is_the_kernels_finding_saved_replayed_and_dropped_once_fixed(py
     pytester.makepyfile(kernel=CORRECT)
     pytester.runpytest_subprocess(*SUITE).assert_outcomes(passed=1)
     assert not saved.exists()
+
+
+def test_a_case_drawn_twice_is_judged_once(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from hypothesis import strategies as st
+
+    from conformance.backends.naive import BACKEND
+    from conformance.case import Case
+    from conformance.isolation import CaseResult
+    from conformance.outcomes import Outcome
+
+    two = [Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=1, head_dim=8, dtype="fp32", seed=s) for s in (1, 2)]
+    monkeypatch.setattr(fuzz, "cases", lambda *a, **k: st.integers(0, 1000).map(lambda i: two[i % 2]))
+    runs = []
+    session = SimpleNamespace(selection=SimpleNamespace(device="cpu"), fuzz_profile="ci",
+                              given_up_on=lambda backend: False, failure_text=lambda *a: None,
+                              run=lambda check, backend, case: runs.append(case.id) or CaseResult(Outcome.PASSED))
+    fuzz_driver.fuzz_check(session, BACKEND, "forward", {}, tmp_path)
+    assert sorted(runs) == sorted(c.id for c in two)  # 25 draws of two cases: each run once
