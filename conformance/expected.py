@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -104,17 +104,35 @@ def _remember(cache: OrderedDict, key, value) -> None:
         cache.popitem(last=False)
 
 
-def expected(case: Case, device: str, masked_rows: str, grads: bool, accumulation: str = "fp32") -> Expected:
-    """For the case's own inputs (``inputs.make_inputs``). Its parts are kept for the last cases seen, so
-    that several backends on one case (and self-tests running many backends over one grid) compute
-    each once."""
+def _normalised(case: Case, masked_rows: str, accumulation: str) -> tuple[str, str]:
     if reference.fully_masked_rows(case) is None:
         masked_rows = "zeros"  # the convention cannot matter: share the entry
     if case.torch_dtype not in (torch.float16, torch.bfloat16):
         accumulation = "fp32"
+    return masked_rows, accumulation
+
+
+def expected(case: Case, device: str, masked_rows: str, grads: bool, accumulation: str = "fp32") -> Expected:
+    """For the case's own inputs (``inputs.make_inputs``). Its parts are kept for the last cases seen, so
+    that several backends on one case (and self-tests running many backends over one grid) compute
+    each once; what ``soon`` started is waited for, not computed again."""
+    masked_rows, accumulation = _normalised(case, masked_rows, accumulation)
+    keys = [(case, device, masked_rows, grads)] + ([] if grads else [(case, device, masked_rows, True)])
+    with _LOCK:
+        started = [_PENDING.pop(k) for k in keys if k in _PENDING]
+    wait(started)  # all of them, before an error of one is raised
+    for future in started:
+        future.result()  # its error, if any, is this call's: as if computed here
+    return _expected(case, device, masked_rows, grads, accumulation)
+
+
+def _expected(case: Case, device: str, masked_rows: str, grads: bool, accumulation: str) -> Expected:
     key = (case, device, masked_rows, grads)
     precisions = _precisions(case.torch_dtype, accumulation, grads)
     with _LOCK:
+        with_grads = (*key[:3], True)
+        if not grads and with_grads in _REFERENCES and all((*with_grads, p) in _ERRORS for p in precisions):
+            key = with_grads  # the output's parts, kept with the gradients' when those were asked for first
         parts = _REFERENCES.get(key)
         errors = {p: _ERRORS[(*key, p)] for p in precisions if (*key, p) in _ERRORS}
     missing = [p for p in precisions if p not in errors]
@@ -126,6 +144,52 @@ def expected(case: Case, device: str, masked_rows: str, grads: bool, accumulatio
             for p, e in computed.items():
                 _remember(_ERRORS, (*key, p), e)
     return _combine(case, accumulation, grads, parts, errors)
+
+
+# The judge's reference need not wait for the kernel: ``checks.execute`` starts what a check compares
+# with (``soon``, from the check's ``reference``) before the check calls the kernel, and it is computed
+# in a thread of the judge while the kernel's process computes the case; ``expected`` then waits for it.
+# On a machine with a core for each, the two overlap (the CPU quick tier's fuzz of dropout, attn_bias
+# and gradients: 27.6 s -> 24.5 s). Only where the judge computes on the CPU: on a GPU both would queue
+# on the one device. ``settle`` ends it with the case, so nothing of it runs while another case is
+# measured. The thread is a daemon: an interrupted run does not wait for it.
+_PENDING: dict = {}  # expected()'s key -> the Future computing it
+
+
+def soon(case: Case, device: str, masked_rows: str, grads: bool, accumulation: str = "fp32") -> None:
+    """Start computing what ``expected`` will be asked with these arguments, in the background."""
+    if torch.device(device).type != "cpu":
+        return
+    masked_rows, accumulation = _normalised(case, masked_rows, accumulation)
+    key = (case, device, masked_rows, grads)
+    future: Future = Future()
+    with _LOCK:
+        if key in _PENDING:
+            return
+        _PENDING[key] = future
+
+    def compute():
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(_expected(case, device, masked_rows, grads, accumulation))
+        except BaseException as exc:  # noqa: BLE001 - the caller's to raise (expected) or drop (settle)
+            future.set_exception(exc)
+
+    try:
+        threading.Thread(target=compute, name="attn-expected", daemon=True).start()
+    except RuntimeError:  # no thread to be had: computed when asked for, as without ``soon``
+        with _LOCK:
+            _PENDING.pop(key, None)
+
+
+def settle() -> None:
+    """Wait for what ``soon`` started and no ``expected`` took (a case that ended before it compared:
+    the result stays cached, an error is dropped, as nothing needed it)."""
+    with _LOCK:
+        started = list(_PENDING.values())
+        _PENDING.clear()
+    for future in started:
+        future.exception()
 
 
 def expected_for(inputs: Inputs, case: Case, masked_rows: str, grads: bool, accumulation: str = "fp32") -> Expected:
@@ -200,5 +264,6 @@ def _combine(case: Case, accumulation: str, grads: bool, parts, errors: dict) ->
     if classes:
         out_classes = tuple(RowClass(lo, hi, rows, max(errors[p][2][i] for p in own), float(row_terms[rows].max()))
                             for i, (lo, hi, rows) in enumerate(classes))
-    return Expected(out, out_err, magnitudes[0], magnitudes[4], ref_grads, tuple(grad_errs) if grads else None,
+    return Expected(out, out_err, magnitudes[0], magnitudes[4], ref_grads if grads else None,
+                    tuple(grad_errs) if grads else None,
                     magnitudes[1:4] if grads else None, out_classes)

@@ -50,8 +50,8 @@ def limit(environ=None) -> int:
 def reference_workers(environ=None) -> int:
     """Threads the judge may use for the independent parts of a large case's reference (expected.py):
     the cores this process may run on, at most ``MAX_REFERENCE_WORKERS``, or the user's
-    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``. Each part is long and runs on one thread (no barriers
-    to wait at), and the kernel's process is idle meanwhile."""
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``. Each part is long and runs on one thread: no barriers
+    to wait at, so sharing the cores with the kernel's process (expected.soon) costs it no waiting."""
     environ = os.environ if environ is None else environ
     name = user_setting(environ)
     if name is not None:

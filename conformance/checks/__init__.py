@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from conformance import expected
 from conformance.backend import (Backend, ContractError, DeviceFault, KernelCrashed, KernelRaised, KernelTimedOut,
                                  OutOfMemory, Unsupported, classify)
 from conformance.case import Case
@@ -42,6 +43,21 @@ def execute(check: str, backend: Backend, case: Case, device: str, options: RunO
     else raised by the suite's own code is a ``HarnessError``."""
     declared = CHECKS[check]
     try:
+        verdict = _execute(declared, backend, case, device, options)
+    except Exception:
+        expected.settle()  # not on an interrupt: a reference being computed is not waited for then
+        raise
+    expected.settle()
+    return verdict
+
+
+def _execute(declared: Check, backend: Backend, case: Case, device: str, options: RunOptions | None) -> Verdict:
+    check = declared.name
+    try:
+        if declared.reference is not None:  # what the check compares with, computed while the kernel runs
+            caps = backend.capabilities
+            expected.soon(case, device, caps.masked_rows, declared.reference == "gradients" and caps.backward,
+                          caps.accumulation)
         if declared.measures:
             return declared.run(backend, case, device, options=options or RunOptions())
         return declared.run(backend, case, device)

@@ -48,4 +48,5 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     return verdict
 
 
-CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents, pairwise=pairwise_intents)
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents, pairwise=pairwise_intents,
+              reference="gradients")

@@ -239,4 +239,4 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     return verdict
 
 
-CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents)
+CHECK = Check(NAME, cases, run, needs=NEEDS, feature=CASE_FEATURE, intents=intents, reference="gradients")

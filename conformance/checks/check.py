@@ -17,7 +17,10 @@ class Check:
     all its cases exercise (None: plain attention), which the fuzzer draws; measures: it measures
     rather than compares (takes the run's options; not fuzzed, not part of certify's conformance);
     skip_reason(backend, case, device, options): decided at collection that a case is not measured;
-    intents, pairwise: the grid as intents, realised per backend (grid.py)."""
+    intents, pairwise: the grid as intents, realised per backend (grid.py); reference: what of the
+    case's own float64 reference the check compares with, None, "output", or "gradients" (the output, and
+    dq, dk, dv where the backend has a backward), so that on the CPU it is computed while the kernel
+    runs (expected.soon)."""
 
     name: str
     cases: Callable[[str], list[Case]]
@@ -30,6 +33,7 @@ class Check:
     # [Intent] over the backend's declared values. Checks without intents keep cases(tier) as it is.
     intents: Callable[[], list] | None = None
     pairwise: Callable[..., list] | None = None
+    reference: str | None = None
 
     def lacks_feature(self, case: Case) -> str | None:
         """Why ``case`` is no case of this check (a --case id without the feature it exercises), or None."""
