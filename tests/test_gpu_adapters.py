@@ -65,3 +65,11 @@ def test_gpu_backends_say_why_they_are_unavailable(pytester):
     named = pytester.runpytest("--pyargs", "conformance.suite", "--backend=sdpa-cudnn")
     assert named.ret == pytest.ExitCode.USAGE_ERROR
     named.stderr.fnmatch_lines(["*backend 'sdpa-cudnn' is unavailable here: SDPA's cuDNN kernel needs a CUDA GPU*"])
+
+
+def test_flash_refuses_softcap_with_dropout_as_the_library_does():
+    """flash-attn 2.x raises "Softcapping does not support dropout for now": a skip with that reason
+    (the fuzz test draws the two together), not a failure of a declared feature."""
+    q = torch.zeros(1, 4, 1, 8)
+    with pytest.raises(Unsupported, match="softcap with dropout"):
+        flash.attention(q, q, q, dropout_p=0.1, softcap=5.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import re
 
-from conformance.backend import Backend
+from conformance.backend import Backend, Unsupported
 from conformance.backends.requirements import cuda_reasons, import_reasons, package_reasons
 from conformance.capabilities import Capabilities
 
@@ -61,6 +61,8 @@ def unavailable_reasons() -> list[str]:
 
 def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
               alibi_slopes=None, deterministic=False):
+    if dropout_p and softcap:  # the library's own refusal, one combination of two declared features
+        raise Unsupported("flash-attn 2.x refuses softcap with dropout ('Softcapping does not support dropout for now')")
     from flash_attn import flash_attn_func
 
     return flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
