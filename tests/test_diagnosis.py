@@ -162,6 +162,21 @@ def test_a_failure_right_on_a_second_call_is_named_transient_and_still_fails():
     assert "transient" in verdict.findings[0].message and "second call" in verdict.findings[0].message
 
 
+def test_a_failure_whose_inputs_changed_under_the_call_says_so():
+    """Evidence for the next unexplained failure: inputs that are not the case's after the call (a
+    kernel writing into them, or a transport that did not carry them intact) are named."""
+    from conformance.backend import Backend
+    from conformance.capabilities import Capabilities
+
+    def scales_k_in_place(q, k, v, **kw):
+        k.mul_(1 + 1e-3)
+        return naive.attention(q, k, v, **kw)
+
+    verdict = CHECKS["forward"].run(Backend("scales-k", scales_k_in_place, Capabilities()), Case(seed=5), "cpu")
+    assert not verdict.passed
+    assert "inputs changed" in verdict.findings[0].message and "input k differs from the case's" in verdict.findings[0].message
+
+
 def test_a_reference_that_changes_between_computations_is_the_suites_fault(monkeypatch):
     from dataclasses import replace
 

@@ -98,7 +98,7 @@ def output_comparison(backend: Backend, case: Case, device: str, out=None, diagn
         return comparison
     found = diagnosis.diagnose_output(case, out, caps.masked_rows, comparison, bounds)
     if found is None and called:
-        found = _second_opinion(backend, case, device, exp, comparison)
+        found = _second_opinion(backend, case, device, exp, comparison, inputs)
     return diagnosis.diagnosed(comparison, found)
 
 
@@ -122,16 +122,24 @@ def _compare(out, exp, case: Case) -> tuple[Comparison, torch.Tensor | None]:
     return max(parts, key=lambda c: math.inf if c.nonfinite else c.error / max(c.bound, 1e-300)), bounds
 
 
-def _second_opinion(backend: Backend, case: Case, device: str, exp, first: Comparison):
+def _second_opinion(backend: Backend, case: Case, device: str, exp, first: Comparison, seen):
     """A failure no hypothesis explains is checked once more before it is reported: the reference is
-    recomputed from freshly drawn inputs (a difference is the suite's own bug, raised as such), and the
-    kernel is called again on them. A second result within the bound is said: the first was transient
-    (the verdict stays a failure: a kernel that is sometimes wrong is wrong)."""
+    recomputed from freshly drawn inputs (a difference is the suite's own bug, raised as such); the
+    inputs the first call had (``seen``) are compared with them (a difference is said: the kernel wrote
+    into them, or they did not reach it intact); and the kernel is called again on them. A second result
+    within the bound is said: the first was transient (the verdict stays a failure: a kernel that is
+    sometimes wrong is wrong)."""
     caps = backend.capabilities
     inputs = make_inputs(case, device)
     again = expected_for(inputs.clone(), case, caps.masked_rows, False, caps.accumulation)
     if not torch.equal(again.out, exp.out) or again.out_torch_error != exp.out_torch_error:
         raise RuntimeError(f"the reference for {case.id} changed between two computations: the suite is at fault")
+    changed = [name for name, had, fresh in zip("qkv", (seen.q, seen.k, seen.v), (inputs.q, inputs.k, inputs.v))
+               if not torch.equal(had.detach(), fresh)]
+    if changed:
+        which = f"inputs {', '.join(changed)} differ" if len(changed) > 1 else f"input {changed[0]} differs"
+        return diagnosis.Diagnosis("inputs changed", f"after the call its {which} from the case's: the kernel "
+                                                     "wrote into them, or they did not reach it intact")
     second, _ = _compare(call(backend, inputs.q, inputs.k, inputs.v, case), exp, case)
     if not second.passed:
         return None
