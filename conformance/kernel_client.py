@@ -26,6 +26,7 @@ import torch
 
 from conformance.backend import (Backend, ContractError, DeviceFault, KernelCrashed, KernelRaised, KernelTimedOut,
                                  OutOfMemory, Unsupported)
+from conformance import kernel_side
 from conformance.capabilities import Capabilities
 
 STARTUP_LIMIT = 300  # seconds for the process to import torch and the suite; not counted in any call's limit
@@ -185,7 +186,14 @@ class KernelProcess:
                        description=decl["description"], unavailable_reasons=lambda: list(described["unavailable"]),
                        varlen_fn=_RemoteFn(self, spec, "varlen_fn") if decl["varlen"] else None,
                        kvcache_fn=_RemoteFn(self, spec, "kvcache_fn") if decl["kvcache"] else None,
-                       kernel_side=lambda name, *args: self.request("procedure", (name, spec, args)))
+                       kernel_side=lambda name, *args: self.procedure(spec, name, args))
+
+    def procedure(self, spec: str, name: str, args):
+        """``kernel_side.PROCEDURES[name]`` for backend ``spec`` there; one in ``kernel_side.FRESH`` in a
+        process started for it (the next request starts one)."""
+        if name in kernel_side.FRESH:
+            self.stop()
+        return self.request("procedure", (name, spec, args))
 
 
 class _RemoteFn:

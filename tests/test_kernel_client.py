@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conformance import isolation, results
-from conformance.backend import KernelCrashed, KernelTimedOut
+from conformance import isolation, kernel_side, results
+from conformance.backend import KernelCrashed, KernelTimedOut, run_kernel_side
 from conformance.case import Case
+from conformance.inputs import make_inputs
 from conformance.kernel_client import KernelProcess
 from conformance.options import RunOptions
 
@@ -139,6 +140,30 @@ def test_an_interrupted_wait_replaces_the_process_and_replies_stay_with_their_re
             signal.signal(signal.SIGALRM, previous)
         described = kernel.describe(["tiled"])  # answered by a fresh process, with its own reply
         assert list(described) == ["tiled"] and kernel._process.pid != first
+    finally:
+        kernel.close()
+
+
+def test_a_timing_runs_in_a_process_started_for_it(monkeypatch):
+    """What a speed case times must not depend on what earlier cases compiled or autotuned in the kernel's
+    process: a procedure in kernel_side.FRESH (the speed check's timing) gets a process started for it;
+    the others share the process."""
+    assert "speed_time" in kernel_side.FRESH
+    monkeypatch.setattr(kernel_side, "FRESH", frozenset({"memory_peak"}))  # a procedure that runs on the CPU
+    kernel = KernelProcess(call_timeout=60)
+    try:
+        backend = kernel.backend("naive", kernel.describe(["naive"])["naive"])
+        case = Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=1, head_dim=8)
+        inputs = make_inputs(case, "cpu")
+        pids = []
+        for name, args in (("dropout_samples", (inputs.q, inputs.k, inputs.v, case, 0.0, [None])),
+                           ("dropout_samples", (inputs.q, inputs.k, inputs.v, case, 0.0, [None])),
+                           ("memory_peak", (case, "cpu", False)),
+                           ("memory_peak", (case, "cpu", False))):
+            result = run_kernel_side(backend, name, *args)
+            assert result is not None
+            pids.append(kernel._process.pid)
+        assert pids[0] == pids[1] != pids[2] != pids[3]
     finally:
         kernel.close()
 
