@@ -8,6 +8,9 @@ from conformance.case import Case
 from conformance.tolerance import Comparison
 
 
+MESSAGE_LINES = 12  # of one finding in a failure's text: a compiler's error can run to a hundred
+
+
 @dataclass(frozen=True)
 class Finding:
     """One failed property, e.g. ("forward", "out: max abs error ... EXCEEDS bound ...")."""
@@ -45,8 +48,10 @@ class Verdict:
         return {f.property for f in self.findings}
 
     def message(self) -> str:
+        """What the terminal shows: each finding's first MESSAGE_LINES lines; the journal's record of the
+        case (``as_dict``) keeps every line."""
         head = f"{self.check} check failed for backend {self.backend!r} on case {self.case.id} ({self.device})"
-        return "\n".join([head, *(f"  [{f.property}] {f.message}" for f in self.findings)])
+        return "\n".join([head, *(f"  [{f.property}] {_shown(f.message)}" for f in self.findings)])
 
     def as_dict(self) -> dict:
         return {"findings": [{"property": f.property, "message": f.message,
@@ -58,3 +63,11 @@ class Verdict:
         """The inverse of ``as_dict`` (a verdict that crossed a process boundary)."""
         return cls(check, backend, case, device, [Finding(**f) for f in data["findings"]],
                    [Comparison(**c) for c in data["comparisons"]], data.get("measurements", {}))
+
+
+def _shown(message: str) -> str:
+    lines = message.splitlines()
+    if len(lines) <= MESSAGE_LINES:
+        return message
+    return "\n".join([*lines[:MESSAGE_LINES], f"  ... {len(lines) - MESSAGE_LINES} more lines in the results journal's "
+                                              f"record of this case"])

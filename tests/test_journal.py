@@ -62,3 +62,18 @@ def test_a_case_rerun_by_pytest_keeps_the_run_before_it(pytester):
     headers = [json.loads(line) for line in lines if json.loads(line)["record"] == "run"]
     assert len(headers) == 2 and headers[0]["run_id"] != headers[1]["run_id"]
     assert [len(r.cases) for r in results.read_runs(pytester.path / "conformance-results.jsonl")] == [1, 1]
+
+
+def test_a_long_finding_is_cut_on_the_terminal_and_whole_in_the_journal():
+    """A compiler's error (flex's InductorError prints its whole lowering) would fill a screen per case."""
+    from conformance.case import Case
+    from conformance.verdict import MESSAGE_LINES, Verdict
+
+    verdict = Verdict("forward", "mine", Case(), "cpu")
+    long = "\n".join(f"line {i}" for i in range(MESSAGE_LINES + 30))
+    verdict.fail("raised", long)
+    verdict.fail("forward", "short")
+    shown = verdict.message()
+    assert f"line {MESSAGE_LINES - 1}" in shown and f"line {MESSAGE_LINES}\n" not in shown
+    assert "30 more lines in the results journal" in shown and shown.endswith("[forward] short")
+    assert verdict.as_dict()["findings"][0]["message"] == long
