@@ -84,7 +84,8 @@ class KernelProcess:
         self._conn = self._sock = None
         return process.exitcode
 
-    def close(self) -> None:
+    def _exit(self) -> None:
+        """Ask a live process to exit, so that it releases what it received (CUDA IPC handles), then end it."""
         if self._process is not None and self._process.is_alive():
             try:
                 self.request("exit", None, timeout=5)
@@ -92,6 +93,9 @@ class KernelProcess:
             except Exception:  # noqa: BLE001 - it is killed below in any case
                 pass
         self.stop()
+
+    def close(self) -> None:
+        self._exit()
         try:
             os.unlink(self._log.name)
         except OSError:
@@ -190,10 +194,13 @@ class KernelProcess:
 
     def procedure(self, spec: str, name: str, args):
         """``kernel_side.PROCEDURES[name]`` for backend ``spec`` there; one in ``kernel_side.FRESH`` in a
-        process started for it (the next request starts one)."""
-        if name in kernel_side.FRESH:
-            self.stop()
-        return self.request("procedure", (name, spec, args))
+        process started for it, whose first work (CUDA's initialisation, a compiled kernel's compilation) is
+        start-up: STARTUP_LIMIT more than a call's limit."""
+        if name not in kernel_side.FRESH:
+            return self.request("procedure", (name, spec, args))
+        self._exit()
+        limit = None if self.call_timeout is None else self.call_timeout + STARTUP_LIMIT
+        return self.request("procedure", (name, spec, args), timeout=limit)
 
 
 class _RemoteFn:
