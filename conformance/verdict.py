@@ -70,4 +70,4 @@ def _shown(message: str) -> str:
     if len(lines) <= MESSAGE_LINES:
         return message
     return "\n".join([*lines[:MESSAGE_LINES], f"  ... {len(lines) - MESSAGE_LINES} more lines in the results journal's "
-                                              f"record of this case"])
+                                              f"record of this case, if kept (--results-file)"])

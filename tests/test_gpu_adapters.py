@@ -30,16 +30,22 @@ def test_flex_adapter_masks_and_score_mods(case):
     assert torch.allclose(out.double(), reference.attention(inputs.q, inputs.k, inputs.v, case), atol=1e-5)
 
 
-def test_compiled_flex_never_falls_back_to_eager_flex_attention():
+def test_compiled_flex_never_falls_back_to_eager_flex_attention(monkeypatch):
     """Past dynamo's recompile limit torch.compile quietly runs a function eagerly; for flex_attention that is
     the unfused reference (N^2 memory), which the suite would then judge instead of the compiled kernel.
-    The adapter raises the limit past a run's variants and makes reaching it an error."""
+    Compiling flex_attention (and the large masks' create_block_mask) raises the limit past a run's variants
+    and makes reaching it an error."""
     config = torch._dynamo.config
-    with config.patch(recompile_limit=8, accumulated_recompile_limit=256, fail_on_recompile_limit_hit=False):
-        flex._no_eager_fallback()
-        assert config.recompile_limit >= flex.RECOMPILE_LIMIT <= config.accumulated_recompile_limit
-        config.recompile_limit = 1  # what reaching the limit now does, on a cheap function
-        double = torch.compile(lambda x: x * 2, backend="eager")
+    default = dict(recompile_limit=8, accumulated_recompile_limit=256, fail_on_recompile_limit_hit=False)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # what the adapter compiles, not compiled here
+    for compiled in (flex._flex, flex._compiled_create_block_mask):
+        with config.patch(**default):
+            compiled.__wrapped__()
+            assert config.recompile_limit >= flex.RECOMPILE_LIMIT <= config.accumulated_recompile_limit
+            assert config.fail_on_recompile_limit_hit
+    with config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):  # what reaching it then does
+        double = compile_(lambda x: x * 2, backend="eager")
         double(torch.ones(2))
         with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
             double(torch.ones(2, dtype=torch.float64))  # a new dtype: a second variant
