@@ -24,9 +24,9 @@ from multiprocessing import reduction
 
 import torch
 
+from conformance import kernel_side
 from conformance.backend import (Backend, ContractError, DeviceFault, KernelCrashed, KernelRaised, KernelTimedOut,
                                  OutOfMemory, Unsupported)
-from conformance import kernel_side
 from conformance.capabilities import Capabilities
 
 STARTUP_LIMIT = 300  # seconds for the process to import torch and the suite; not counted in any call's limit

@@ -3,9 +3,9 @@ and softcap / ALiBi as a score modification.
 
 Mask and score parameters enter as tensors, not Python numbers, so a new offset or window does not
 trigger a recompilation; every dtype, head dim, mask/score variant and grad mode still compiles its own
-kernel (about 3 s each on an H200, one process). CUDA only: on the CPU it compiles too, but measured on the 2-core CI machine
-(torch 2.13) the first compile took 14 s and each new shape about 3 s, minutes over a tier's grid. On an H100
-(torch 2.11) a new head dim or dtype cost 2 to over 60 s of compilation.
+kernel (about 3 s each on an H200, one process). CUDA only: on the CPU it compiles too, but measured on
+the 2-core CI machine (torch 2.13) the first compile took 14 s and each new shape about 3 s, minutes over
+a tier's grid. On an H100 (torch 2.11) a new head dim or dtype cost 2 to over 60 s of compilation.
 
 ``kvcache_attention`` (flash_attn_with_kvcache's convention, paged too) reads a paged cache in flex itself,
 through a mask_mod over the cache's slots.
@@ -29,8 +29,8 @@ def _no_eager_fallback():
     """Every mask, score modification, dtype, head dim and grad mode is a graph of its own. Past dynamo's
     recompile limit (8 by default) torch.compile quietly runs flex_attention eagerly, an unfused reference
     that materialises the scores: the suite would be judging that, not the compiled kernel (the memory
-    check measured N^2 when it happened). The limit is raised far past a run's variants, and reaching it is an
-    error, not a fallback. These are settings of the kernel's process: another compiled backend run there
+    check measured N^2 when it happened). The limit is raised far past a run's variants, and reaching it
+    is an error, not a fallback. These are settings of the kernel's process: another compiled backend run there
     (``--speed-against``) gets them too. The limits' older names, which torch 2.7 and later keep as aliases,
     work from torch 2.5."""
     import torch._dynamo
