@@ -134,8 +134,7 @@ def _second_opinion(backend: Backend, case: Case, device: str, exp, first: Compa
     again = expected_for(inputs.clone(), case, caps.masked_rows, False, caps.accumulation)
     if not torch.equal(again.out, exp.out) or again.out_torch_error != exp.out_torch_error:
         raise RuntimeError(f"the reference for {case.id} changed between two computations: the suite is at fault")
-    changed = [name for name, had, fresh in zip("qkv", (seen.q, seen.k, seen.v), (inputs.q, inputs.k, inputs.v))
-               if not torch.equal(had.detach(), fresh)]
+    changed = seen.differing(inputs, ("q", "k", "v"))
     if changed:
         which = f"inputs {', '.join(changed)} differ" if len(changed) > 1 else f"input {changed[0]} differs"
         return diagnosis.Diagnosis("inputs changed", f"after the call its {which} from the case's: the kernel "

@@ -182,8 +182,7 @@ def check_timed(timed: dict, backends: dict[str, Backend], case: Case, mode: str
     kept rows (forward output, and dq for forward+backward)."""
     rng = rng or secrets.SystemRandom()
     for s, (now, before) in enumerate(zip(sets, pristine)):
-        changed = [name for name, a, b in zip("q k v dout".split(), (now.q, now.k, now.v, now.dout),
-                                              (before.q, before.k, before.v, before.dout)) if not torch.equal(a, b)]
+        changed = now.differing(before)
         if changed:
             verdict.fail("inputs-modified", f"{mode}: input set {s}'s {', '.join(changed)} changed while timed: "
                                             f"a backend wrote into its inputs")
