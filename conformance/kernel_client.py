@@ -43,6 +43,7 @@ class KernelProcess:
         self._conn = None
         self._sock = None  # the connection's socket, for the file descriptors of shared tensors
         self._next_id = 0
+        self._fresh_for = None  # the kernel_side.FRESH key the process serves (until other work runs there)
         self._log = tempfile.NamedTemporaryFile(prefix="attn-conformance-kernel-", suffix=".log", delete=False)
         _LIVE.add(self)
         _install_sigterm_handler()
@@ -102,13 +103,16 @@ class KernelProcess:
             pass
 
     # -- requests --------------------------------------------------------------------------------
-    def request(self, op: str, args, timeout: float | None = None, like: torch.Tensor | None = None):
+    def request(self, op: str, args, timeout: float | None = None, like: torch.Tensor | None = None,
+                fresh_for=None):
         """The reply's payload; the kernel's refusals and errors as the exceptions of backend.py and this
         module. ``like``: a call's output may have no more elements than this tensor before the judge copies
-        it (a view claiming terabytes must not make the judge run out of memory)."""
+        it (a view claiming terabytes must not make the judge run out of memory). ``fresh_for``: the key of
+        a kernel_side.FRESH procedure (``procedure``); any other request ends the process's freshness."""
         if self._process is None or not self._process.is_alive():
             self.stop()
             self._start()
+        self._fresh_for = fresh_for
         self._next_id += 1
         request_id = self._next_id
         log_start = os.path.getsize(self._log.name)
@@ -194,13 +198,16 @@ class KernelProcess:
 
     def procedure(self, spec: str, name: str, args):
         """``kernel_side.PROCEDURES[name]`` for backend ``spec`` there; one in ``kernel_side.FRESH`` in a
-        process started for it, whose first work (CUDA's initialisation, a compiled kernel's compilation) is
-        start-up: STARTUP_LIMIT more than a call's limit."""
+        process started for its key (kept for the next procedure with that key while nothing else runs
+        there), whose first work (CUDA's initialisation, a compiled kernel's compilation) is start-up:
+        STARTUP_LIMIT more than a call's limit."""
         if name not in kernel_side.FRESH:
             return self.request("procedure", (name, spec, args))
-        self._exit()
+        key = (spec, name, kernel_side.FRESH[name](*args))
+        if key != self._fresh_for:
+            self._exit()
         limit = None if self.call_timeout is None else self.call_timeout + STARTUP_LIMIT
-        return self.request("procedure", (name, spec, args), timeout=limit)
+        return self.request("procedure", (name, spec, args), timeout=limit, fresh_for=key)
 
 
 class _RemoteFn:

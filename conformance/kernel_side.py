@@ -79,10 +79,13 @@ def dropout_with_mask(backend: Backend, q, k, v, dout, case: Case, dropout_p: fl
     return (*first, revealed)
 
 
-# Run in a process started for them (under process isolation): a timing must not depend on what the run's
-# earlier cases compiled or autotuned there (compiled flex, after other shapes, runs its dynamic-shape
-# kernel: causal forward 0.42 ms -> 0.58 ms at 4096 tokens on an H200), only on the case.
-FRESH = frozenset({"speed_time"})
+# Run in a process started for their case (under process isolation): a timing must not depend on what the
+# run's earlier cases compiled or autotuned there (compiled flex, after other shapes, runs its dynamic-shape
+# kernel: causal forward 0.42 ms -> 0.58 ms at 4096 tokens on an H200), only on the case. Each maps its
+# arguments to what the process may be kept for: the next such procedure with the same key (the case's other
+# mode, a confirmation measurement), nothing else having run there in between. A process start costs
+# seconds (torch's import, CUDA's initialisation, a compiled kernel's compilation).
+FRESH = {"speed_time": lambda against, sets, case, *rest: (against, case.id)}
 
 PROCEDURES = {"memory_peak": memory_peak, "speed_time": speed_time, "dropout_samples": dropout_samples,
               "dropout_with_mask": dropout_with_mask}

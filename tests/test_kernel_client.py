@@ -1,6 +1,7 @@
 """The judge never shares a process with the kernel: sly kernels (tests/sly.py) cannot fake a pass,
 escape the run, outlive it, or have their verdict attributed to another case."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -144,26 +145,28 @@ def test_an_interrupted_wait_replaces_the_process_and_replies_stay_with_their_re
         kernel.close()
 
 
-def test_a_timing_runs_in_a_process_started_for_it(monkeypatch):
+def test_a_timing_runs_in_a_process_started_for_its_case(monkeypatch):
     """What a speed case times must not depend on what earlier cases compiled or autotuned in the kernel's
-    process: a procedure in kernel_side.FRESH (the speed check's timing) gets a process started for it;
-    the others share the process."""
-    assert "speed_time" in kernel_side.FRESH
-    monkeypatch.setattr(kernel_side, "FRESH", frozenset({"memory_peak"}))  # a procedure that runs on the CPU
+    process: a procedure in kernel_side.FRESH (the speed check's timing) gets a process started for its
+    key (the case), kept for the next one with that key (the case's other mode) while nothing else runs
+    there; the other procedures share the process."""
+    assert kernel_side.FRESH["speed_time"]("flash", [], Case(), "cuda", "fwd", [], {}) == ("flash", Case().id)
+    monkeypatch.setattr(kernel_side, "FRESH", {"memory_peak": lambda case, device, backward: case.id})  # runs on the CPU
     kernel = KernelProcess(call_timeout=60)
     try:
         backend = kernel.backend("naive", kernel.describe(["naive"])["naive"])
         case = Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=1, head_dim=8)
+        other = dataclasses.replace(case, seqlen_k=9)
         inputs = make_inputs(case, "cpu")
+        shared = ("dropout_samples", (inputs.q, inputs.k, inputs.v, case, 0.0, [None]))
         pids = []
-        for name, args in (("dropout_samples", (inputs.q, inputs.k, inputs.v, case, 0.0, [None])),
-                           ("dropout_samples", (inputs.q, inputs.k, inputs.v, case, 0.0, [None])),
-                           ("memory_peak", (case, "cpu", False)),
-                           ("memory_peak", (case, "cpu", False))):
-            result = run_kernel_side(backend, name, *args)
-            assert result is not None
+        for name, args in (shared, shared, ("memory_peak", (case, "cpu", False)), ("memory_peak", (case, "cpu", True)),
+                           ("memory_peak", (other, "cpu", False)), shared, ("memory_peak", (other, "cpu", False))):
+            assert run_kernel_side(backend, name, *args) is not None
             pids.append(kernel._process.pid)
-        assert pids[0] == pids[1] != pids[2] != pids[3]
+        # the same process for shared work; a new one for a case; kept for its next mode; new for another
+        # case; the case's process used for other work is not fresh for it any more
+        assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5] != pids[6]
     finally:
         kernel.close()
 
