@@ -30,6 +30,33 @@ def test_flex_adapter_masks_and_score_mods(case):
     assert torch.allclose(out.double(), reference.attention(inputs.q, inputs.k, inputs.v, case), atol=1e-5)
 
 
+def test_flex_adapter_makes_its_mask_and_score_parameters_once(monkeypatch):
+    """A tensor made from a Python number on the GPU is a copy from the host that waits for the GPU: made on
+    every call, the speed check (whose GPU sleep ahead of each call hides its launch) would time the rest of
+    the adapter's launch as flex's. The offsets, window sides and softcap are made once per value."""
+    case = Case(seqlen_q=40, seqlen_k=40, causal="bottom_right", window=(5, 3), head_dim=16, alibi=True, softcap=5.0)
+    inputs = make_inputs(case, "cpu")
+    eager = dataclasses.replace(flex.BACKEND, fn=lambda *a, **k: flex.attention(*a, flex=flex_attention, **k))
+    made = []
+
+    class Counting:  # the adapter's torch, counting the tensors it makes from numbers
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def tensor(self, *args, **kwargs):
+            made.append(args)
+            return torch.tensor(*args, **kwargs)
+
+    monkeypatch.setattr(flex, "torch", Counting())
+    flex._scalar.cache_clear()
+    flex._block_mask.cache_clear()
+    first = call(eager, inputs.q, inputs.k, inputs.v, case)
+    assert made  # the counting sees the adapter's tensors
+    made.clear()
+    again = call(eager, inputs.q, inputs.k, inputs.v, case)
+    assert made == [] and torch.equal(first, again)
+
+
 def test_compiled_flex_never_falls_back_to_eager_flex_attention(monkeypatch):
     """Past dynamo's recompile limit torch.compile quietly runs a function eagerly; for flex_attention that is
     the unfused reference (N^2 memory), which the suite would then judge instead of the compiled kernel.
