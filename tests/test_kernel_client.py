@@ -151,7 +151,8 @@ def test_a_timing_runs_in_a_process_started_for_its_case(monkeypatch):
     key (the case), kept for the next one with that key (the case's other mode) while nothing else runs
     there; the other procedures share the process."""
     assert kernel_side.FRESH["speed_time"]("flash", [], Case(), "cuda", "fwd", [], {}) == ("flash", Case().id)
-    monkeypatch.setattr(kernel_side, "FRESH", {"memory_peak": lambda case, device, backward: case.id})  # runs on the CPU
+    # a procedure that runs on the CPU stands in for the timing
+    monkeypatch.setattr(kernel_side, "FRESH", {"memory_peak": lambda case, device, backward: case.id})
     kernel = KernelProcess(call_timeout=60)
     try:
         backend = kernel.backend("naive", kernel.describe(["naive"])["naive"])
