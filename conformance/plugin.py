@@ -130,6 +130,17 @@ def pytest_xdist_auto_num_workers(config):
 
 
 @pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist=load`` (xdist's default with ``-n``), a conformance run gives each worker whole case
+    families (scheduling.py), so a compiled kernel compiles a variant once, not in every worker."""
+    if is_ours(config) and config.getoption("dist") == "load":
+        from conformance import scheduling
+
+        return scheduling.scheduler(config, log)
+    return None
+
+
+@pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
     """The controller gives each pytest-xdist worker its GPU before the worker starts (our runs only)."""
     config = node.config

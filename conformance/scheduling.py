@@ -1,0 +1,75 @@
+"""How pytest-xdist splits a conformance run among its workers: cases of one family to one worker.
+
+xdist's default (``--dist=load``) deals tests out round robin, so the cases of one dtype, head dim, mask
+and feature set land on most workers, and a compiled kernel compiles that variant in each of them (flex:
+3 s or more per variant and worker), and the float64 reference of a case run by several backends is
+computed in several workers. Here a case family (``family``: what a compiled kernel specialises on, not
+its sizes or seed) is one unit of work, given to one worker whole; the fuzz tests, each one long test of
+many drawn cases, are handed out first, then the families, largest first. Used under ``--dist=load``,
+xdist's default with ``-n``; any other ``--dist`` is xdist's own.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from conformance import features
+from conformance.case import Case
+
+_CASE_IN_ID = re.compile(r"\[(?:.+?)-(b\d+_q\d+_k\d+_[^\]]+)\]$")  # test[<backend>-<case id>]
+
+
+def family(case: Case) -> str:
+    """The case's dtype, head dim, layout, masking, GQA or not, custom scale or not and its features
+    (the bias's kind and pattern, the page size): what a kernel is compiled or autotuned for. Batch,
+    seqlens, head counts, magnitude and seed are left out: they are sizes and numbers, not variants."""
+    parts = [case.dtype, f"d{case.head_dim}", case.layout, "gqa" if case.nheads_k != case.nheads else "mha",
+             "causal" if case.causal else "full", "scale" if case.softmax_scale is not None else "",
+             case.attn_bias or "", f"page{case.page_block}" if case.page_block else ""]
+    parts += [f.name for f in features.present(case)]
+    return "-".join(p for p in parts if p)
+
+
+@functools.lru_cache(maxsize=None)  # asked again as each test completes
+def scope(nodeid: str) -> str:
+    """The unit of work a test belongs to: its case's family for a test of a check, else the test alone."""
+    found = _CASE_IN_ID.search(nodeid)
+    if found is None:
+        return nodeid
+    try:
+        return "family:" + family(Case.from_id(found.group(1)))
+    except ValueError:
+        return nodeid
+
+
+def scheduler(config, log):
+    """An xdist scheduler that hands out ``scope`` units, fuzz tests first, then the largest units."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FamilyScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope(nodeid)
+
+        def schedule(self) -> None:
+            if self.collection is not None or not self.collection_is_completed:
+                return super().schedule()
+            if not self._check_nodes_have_same_collection():
+                self.log("**Different tests collected, aborting run**")
+                return None
+            collection = next(iter(self.registered_collections.values()))
+            units: dict[str, dict[str, bool]] = {}
+            for nodeid in collection:
+                units.setdefault(scope(nodeid), {})[nodeid] = False
+            # a test that is no family (a fuzz test) first; sorted() keeps the collection's order in a tie
+            for name in sorted(units, key=lambda name: (name.startswith("family:"), -len(units[name]))):
+                self.workqueue[name] = units[name]
+            self.collection = list(collection)
+            for node in self.nodes:
+                if self.workqueue:
+                    self._assign_work_unit(node)
+            # with the collection set, the base class gives each node a second unit (a worker holds its last
+            # test until it has the next, pytest-xdist #277) or shuts it down when none is left
+            return super().schedule()
+
+    return FamilyScheduling(config, log)
