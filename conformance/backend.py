@@ -50,16 +50,23 @@ class KernelTimedOut(Exception):
     """A call into the kernel did not return within the limit; its process was killed."""
 
 
-_DEVICE_FAULT_MARKERS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+# torch adds "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions." to every CUDA error: the
+# assert's own text is "device-side assert triggered"
+_DEVICE_FAULT_MARKERS = ("illegal memory access", "device-side assert triggered", "unspecified launch failure",
                          "misaligned address", "an illegal instruction", "CUDA error: unknown error",
                          "cudaErrorLaunchFailure", "CUBLAS_STATUS_EXECUTION_FAILED")
 
 
+# the device's own allocation failures outside torch's allocator (CUDA's cudaErrorMemoryAllocation, which
+# does not poison the context; cuBLAS failing to allocate its handle), as raised through torch and Triton
+_DEVICE_OOM_MARKERS = ("CUDA error: out of memory", "CUDA driver error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
 def classify(exc: BaseException) -> type[Exception] | None:
-    """OutOfMemory for the allocators' own errors (torch.OutOfMemoryError, MemoryError, and the CPU
+    """OutOfMemory for the allocators' own errors (torch.OutOfMemoryError, MemoryError, the CPU
     allocator's failed allocation, which torch raises as a RuntimeError of c10's "enforce fail at
-    alloc_cpu"), never for other text that mentions memory; DeviceFault for context-poisoning device
-    errors; else None."""
+    alloc_cpu", and the device's, ``_DEVICE_OOM_MARKERS``), never for other text that mentions memory;
+    DeviceFault for context-poisoning device errors; else None."""
     import torch
 
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
@@ -67,6 +74,8 @@ def classify(exc: BaseException) -> type[Exception] | None:
     text = str(exc)
     if isinstance(exc, RuntimeError) and text.startswith("[enforce fail at alloc_cpu") \
             and "DefaultCPUAllocator: can't allocate memory" in text:
+        return OutOfMemory
+    if isinstance(exc, RuntimeError) and any(marker in text for marker in _DEVICE_OOM_MARKERS):
         return OutOfMemory
     if any(marker in text for marker in _DEVICE_FAULT_MARKERS):
         return DeviceFault

@@ -47,6 +47,14 @@ class Described:
 
 def _judge(check: str, backend: Backend, case: Case, device: str, options: RunOptions) -> CaseResult:
     try:
+        return _result(check, backend, case, device, options)
+    finally:
+        if options.gpu_shared_by > 1:
+            _release_device_memory()
+
+
+def _result(check: str, backend: Backend, case: Case, device: str, options: RunOptions) -> CaseResult:
+    try:
         verdict = execute(check, backend, case, device, options)
     except Unsupported as exc:
         return CaseResult(Outcome.SKIPPED, message=str(exc))
@@ -62,6 +70,16 @@ def _judge(check: str, backend: Backend, case: Case, device: str, options: RunOp
         return CaseResult(Outcome.HARNESS_ERROR, message=f"harness error (a bug in attention-conformance, not in the "
                                                          f"backend; please report it): {exc}")
     return CaseResult(Outcome.PASSED if verdict.passed else Outcome.FAILED, verdict)
+
+
+def _release_device_memory() -> None:
+    """Return what torch's caching allocator holds unused to the GPU: on a GPU that pytest-xdist workers
+    share, each judge and kernel process keeping the peak of its largest case (a float64 reference at
+    4096 keys holds gigabytes) made the others run out of memory on an 80 GB H100 with 16 workers."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 class InProcess:
@@ -116,7 +134,7 @@ class Isolated:
 
     def run(self, check: str, backend: Backend, case: Case, device: str, options: RunOptions) -> CaseResult:
         try:
-            self.kernel.forget()
+            self.kernel.forget(release=options.gpu_shared_by > 1)
         except (KernelCrashed, KernelTimedOut):
             self.kernel.stop()
         return _judge(check, backend, case, device, options)

@@ -177,10 +177,11 @@ class KernelProcess:
     def describe(self, specs: list[str]) -> dict:
         return self.request("describe", list(specs), timeout=STARTUP_LIMIT)
 
-    def forget(self) -> None:
-        """Drop the autograd graphs kept for backward (at the start of each case)."""
+    def forget(self, release: bool = False) -> None:
+        """Drop the autograd graphs kept for backward (at the start of each case); ``release``: and return
+        the memory torch's allocators hold unused (a GPU shared by several pytest-xdist workers)."""
         if self._process is not None and self._process.is_alive():
-            self.request("forget", None)
+            self.request("forget", release)
 
     def backend(self, spec: str, described: dict) -> Backend:
         """The judge's Backend for ``spec``: the declaration it sent (checked like a user's declaration:

@@ -113,6 +113,8 @@ class _Worker:
                 return "ok", self.describe(args)
             if op == "forget":
                 self.graphs.clear()
+                if args:
+                    _release_memory()
                 return "ok", None
             if op == "call":
                 return self.call(*args)

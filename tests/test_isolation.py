@@ -103,3 +103,47 @@ def test_killed_run_keeps_finished_cases_and_the_summary_rebuilds(pytester):
                              text=True)
     assert "3 cases recorded" in rebuilt.stdout and "crashers.py:sleeps_then_works  3/0/0" in rebuilt.stdout
     assert rebuilt.returncode == 1 and "INCOMPLETE: the run did not finish" in rebuilt.stderr  # never a pass
+
+
+BOILERPLATE = ("\nSearch for `cudaErrorMemoryAllocation' in https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__TYPES"
+               ".html for more information.\nCUDA kernel errors might be asynchronously reported at some other API call, "
+               "so the stacktrace below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+               "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
+
+
+@pytest.mark.parametrize("text, kind", [
+    # what torch, inductor's Triton launcher and cuBLAS raised on an H100 that 32 processes shared
+    ("BackendCompilerFailed: backend='inductor' raised:\nAcceleratorError: CUDA error: out of memory" + BOILERPLATE,
+     "OutOfMemory"),
+    ("CUDA driver error: out of memory", "OutOfMemory"),
+    ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", "OutOfMemory"),
+    ("CUDA error: an illegal memory access was encountered" + BOILERPLATE, "DeviceFault"),
+    ("CUDA error: device-side assert triggered" + BOILERPLATE, "DeviceFault"),
+    ("CUDA error: invalid argument" + BOILERPLATE, None),  # torch's advice on device asserts is no assert
+    ("the kernel ran out of memory in its own words", None),
+])
+def test_device_errors_are_sorted_by_their_own_text_not_by_the_advice_torch_appends(text, kind):
+    from conformance.backend import classify
+
+    found = classify(RuntimeError(text))
+    assert (found.__name__ if found else None) == kind
+
+
+def test_workers_sharing_a_gpu_return_cached_device_memory_after_each_case(monkeypatch):
+    """Each judge and kernel process keeping its largest case's peak ran a shared H100 out of memory."""
+    from conformance import isolation, kernel_worker
+    from conformance.options import RunOptions
+
+    released, forgot = [], []
+    monkeypatch.setattr(isolation, "_release_device_memory", lambda: released.append(1))
+    monkeypatch.setattr(isolation, "execute", lambda *args: (_ for _ in ()).throw(isolation.OutOfMemory("x")))
+    runner = isolation.Isolated.__new__(isolation.Isolated)
+    runner.kernel = type("Kernel", (), {"forget": lambda self, release=False: forgot.append(release)})()
+    for shared_by in (1, 3):
+        runner.run("forward", None, None, "cuda", RunOptions(gpu_shared_by=shared_by))
+    assert forgot == [False, True] and released == [1]  # after the case, even one that ended in an error
+
+    monkeypatch.setattr(kernel_worker, "_release_memory", lambda: released.append(2))
+    worker = kernel_worker._Worker()
+    assert worker.handle("forget", False) == ("ok", None) and released == [1]
+    assert worker.handle("forget", True) == ("ok", None) and released == [1, 2]

@@ -69,9 +69,11 @@ def _execute(declared: Check, backend: Backend, case: Case, device: str, options
         prop, message = "raised", str(exc)
     except Exception as exc:  # noqa: BLE001 - sorted below: the backend's, or ours
         kind = classify(exc)
-        if kind is not None:
-            raise kind(f"{type(exc).__name__}: {exc}") from exc
         where = _culprit(traceback.extract_tb(exc.__traceback__))
+        if kind is not None:
+            # the judge's own reference on the device can run out too (a GPU shared by pytest-xdist workers)
+            judge = "in the judge's own computation, " if kind is OutOfMemory and _ours(where.filename) else ""
+            raise kind(f"{judge}{type(exc).__name__}: {exc}") from exc
         text = f"{type(exc).__name__} at {where.filename}:{where.lineno}: {exc}"
         if _ours(where.filename):
             raise HarnessError(text) from exc
