@@ -51,15 +51,19 @@ class KernelTimedOut(Exception):
 
 
 # torch adds "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions." to every CUDA error: the
-# assert's own text is "device-side assert triggered"
+# assert's own text is "device-side assert triggered"; the rest are CUDA's other sticky errors (a launch the
+# watchdog ended, a hardware stack error, an invalid program counter or address space, an ECC error)
 _DEVICE_FAULT_MARKERS = ("illegal memory access", "device-side assert triggered", "unspecified launch failure",
                          "misaligned address", "an illegal instruction", "CUDA error: unknown error",
-                         "cudaErrorLaunchFailure", "CUBLAS_STATUS_EXECUTION_FAILED")
+                         "cudaErrorLaunchFailure", "CUBLAS_STATUS_EXECUTION_FAILED",
+                         "the launch timed out and was terminated", "hardware stack error", "invalid program counter",
+                         "operation not supported on global/shared address space", "uncorrectable ECC error")
 
 
 # the device's own allocation failures outside torch's allocator (CUDA's cudaErrorMemoryAllocation, which
 # does not poison the context; cuBLAS failing to allocate its handle), as raised through torch and Triton
-_DEVICE_OOM_MARKERS = ("CUDA error: out of memory", "CUDA driver error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+_DEVICE_OOM_MARKERS = ("CUDA error: out of memory", "CUDA driver error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                       "Triton Error [CUDA]: out of memory")
 
 
 def classify(exc: BaseException) -> type[Exception] | None:
@@ -69,8 +73,11 @@ def classify(exc: BaseException) -> type[Exception] | None:
     DeviceFault for context-poisoning device errors; else None."""
     import torch
 
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return OutOfMemory
+    cause, seen = exc, 0
+    while cause is not None and seen < 8:  # torch.compile wraps the error (BackendCompilerFailed.inner_exception)
+        if isinstance(cause, (torch.OutOfMemoryError, MemoryError)):
+            return OutOfMemory
+        cause, seen = getattr(cause, "inner_exception", None) or cause.__cause__, seen + 1
     text = str(exc)
     if isinstance(exc, RuntimeError) and text.startswith("[enforce fail at alloc_cpu") \
             and "DefaultCPUAllocator: can't allocate memory" in text:

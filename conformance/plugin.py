@@ -350,7 +350,7 @@ def attn_check(request):
 
     def run(backend, case):
         learnt = request.node.stash.setdefault(LEARNT, {})
-        reason = session.given_up_on(backend)
+        reason = session.given_up_on(backend, case)
         if reason:
             learnt.update(outcome=Outcome.NOT_RUN, reasons=[reason])
             pytest.skip(reason)

@@ -39,7 +39,7 @@ def scope(nodeid: str) -> str:
         return nodeid
     try:
         return "family:" + family(Case.from_id(found.group(1)))
-    except ValueError:
+    except Exception:  # noqa: BLE001 - an id that only looks like a case's (a user's test): a unit of its own
         return nodeid
 
 
@@ -71,5 +71,24 @@ def scheduler(config, log):
             # with the collection set, the base class gives each node a second unit (a worker holds its last
             # test until it has the next, pytest-xdist #277) or shuts it down when none is left
             return super().schedule()
+
+        def remove_node(self, node) -> str | None:
+            """A worker gone: the test it was running is the crashed one (reported by xdist, not run again)
+            and only its tests not yet run go back, first in the queue. The base class puts back whole units,
+            finished ones too: handed to a worker holding its last test, an empty unit sends nothing, and that
+            worker waits for a next test forever; and it runs the crashing test again on every worker."""
+            workload = self.assigned_work.pop(node)
+            pending = [(name, nodeid) for name, unit in workload.items() for nodeid, done in unit.items() if not done]
+            if not pending:
+                return None
+            again: dict[str, dict[str, bool]] = {}
+            for name, nodeid in pending[1:]:
+                again.setdefault(name, {})[nodeid] = False
+            for name in reversed(again):
+                self.workqueue[name] = again[name]
+                self.workqueue.move_to_end(name, last=False)
+            for other in self.assigned_work:
+                self._reschedule(other)
+            return pending[0][1]
 
     return FamilyScheduling(config, log)

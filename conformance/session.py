@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from conformance import baselines, grid, isolation, tiers, workers
+from conformance import baselines, grid, isolation, scheduling, tiers, workers
 from conformance.case import Case
 from conformance.checks import CHECKS
 from conformance.isolation import CaseResult
@@ -51,7 +51,7 @@ class ConformanceSession:
                                   update_baselines=option("update_baselines"), speed_against=option("speed_against"),
                                   memory_budget_gb=option("memory_budget"),
                                   gpu_shared_by=workerinput.get(workers.SHARED_KEY, 1))
-        self.crash_streak: dict[str, int] = {}
+        self.crash_streak: dict[str, list[str]] = {}  # backend -> the families of its crashes in a row
         self.baselines_written: list[tuple] = []
         if option("speed_against") and "speed" in self.selection.checks:  # its declaration, read where kernels run
             against = self.runner.describe([option("speed_against")])[0]
@@ -65,14 +65,27 @@ class ConformanceSession:
         self.recorder.close()
 
     # -- running ---------------------------------------------------------------------------------
-    def given_up_on(self, backend) -> str | None:
-        if self.crash_streak.get(backend.name, 0) >= self.crash_limit:
+    def given_up_on(self, backend, case: Case | None = None) -> str | None:
+        """After --crash-limit crashes or timeouts in a row, the backend is given up on; when all of them
+        were of one case family (scheduling.family), only that family is: under pytest-xdist a worker
+        runs a family's cases in a row, and one family a kernel cannot run must not cost it the others."""
+        streak = self.crash_streak.get(backend.name, [])
+        if len(streak) < self.crash_limit:
+            return None
+        if len(set(streak)) > 1:
             return f"not run: {backend.name} crashed or timed out on {self.crash_limit} cases in a row (--crash-limit)"
+        if case is not None and scheduling.family(case) == streak[0]:
+            return (f"not run: {backend.name} crashed or timed out on {self.crash_limit} cases of this family in a "
+                    f"row ({streak[0]}; --crash-limit)")
         return None
 
     def run(self, check: str, backend, case: Case) -> CaseResult:
         result = self.runner.run(check, backend, case, self.selection.device, self.options)
-        self.crash_streak[backend.name] = self.crash_streak.get(backend.name, 0) + 1 if result.outcome.hard_failure else 0
+        streak = self.crash_streak.setdefault(backend.name, [])
+        if result.outcome.hard_failure:
+            streak.append(scheduling.family(case))
+        else:
+            streak.clear()
         return result
 
     def failure_text(self, check: str, backend, case: Case, result: CaseResult) -> str | None:

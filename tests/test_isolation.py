@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from conformance import results
+from conformance.case import Case
 
 CRASHERS = (Path(__file__).parent / "crashers.py").read_text()
 # One case of each kind the crashers react to, plus plain ones.
@@ -119,6 +121,8 @@ BOILERPLATE = ("\nSearch for `cudaErrorMemoryAllocation' in https://docs.nvidia.
     ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", "OutOfMemory"),
     ("CUDA error: an illegal memory access was encountered" + BOILERPLATE, "DeviceFault"),
     ("CUDA error: device-side assert triggered" + BOILERPLATE, "DeviceFault"),
+    ("CUDA error: the launch timed out and was terminated" + BOILERPLATE, "DeviceFault"),
+    ("Triton Error [CUDA]: out of memory", "OutOfMemory"),
     ("CUDA error: invalid argument" + BOILERPLATE, None),  # torch's advice on device asserts is no assert
     ("the kernel ran out of memory in its own words", None),
 ])
@@ -127,6 +131,43 @@ def test_device_errors_are_sorted_by_their_own_text_not_by_the_advice_torch_appe
 
     found = classify(RuntimeError(text))
     assert (found.__name__ if found else None) == kind
+
+
+def test_the_allocators_error_wrapped_by_torch_compile_is_out_of_memory():
+    import torch
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from conformance.backend import OutOfMemory, classify
+
+    wrapped = BackendCompilerFailed(lambda: None, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), None)
+    assert classify(wrapped) is OutOfMemory and classify(BackendCompilerFailed(lambda: None, KeyError(), None)) is None
+
+
+def test_crashes_in_a_row_of_one_family_give_up_on_that_family_and_of_two_on_the_backend():
+    """Under pytest-xdist a worker runs a family's cases in a row (scheduling.py)."""
+    from conformance.isolation import CaseResult
+    from conformance.outcomes import Outcome
+    from conformance.session import ConformanceSession
+
+    session = ConformanceSession.__new__(ConformanceSession)
+    outcomes = {}
+    session.runner = SimpleNamespace(run=lambda check, backend, case, *rest: CaseResult(outcomes[case.id]))
+    session.selection, session.options, session.crash_limit, session.crash_streak = SimpleNamespace(device="cpu"), None, 2, {}
+    backend, fp32 = SimpleNamespace(name="k"), Case(head_dim=64, seed=1)
+    same, fp16, other_fp16 = fp32.replace(seqlen_q=65, seed=2), fp32.replace(dtype="fp16"), fp32.replace(dtype="fp16", seed=3)
+    outcomes.update({fp32.id: Outcome.CRASHED, same.id: Outcome.CRASHED, fp16.id: Outcome.PASSED,
+                     other_fp16.id: Outcome.TIMED_OUT})
+    session.run("forward", backend, fp32)
+    assert session.given_up_on(backend, same) is None
+    session.run("forward", backend, same)
+    assert "cases of this family in a row (fp32-d64" in session.given_up_on(backend, fp32.replace(seed=9))
+    assert session.given_up_on(backend, fp16) is None and session.given_up_on(backend) is None
+    session.run("forward", backend, fp16)  # a pass ends the streak
+    assert session.given_up_on(backend, fp32) is None
+    session.run("forward", backend, fp32)
+    session.run("forward", backend, other_fp16)  # two families in a row: the backend
+    assert "on 2 cases in a row (--crash-limit)" in session.given_up_on(backend, fp16.replace(seed=7))
+    assert session.given_up_on(backend) == session.given_up_on(backend, fp32)
 
 
 def test_workers_sharing_a_gpu_return_cached_device_memory_after_each_case(monkeypatch):

@@ -1,6 +1,7 @@
 """pytest-xdist's split of a conformance run: a case family to one worker, the fuzz tests handed out first."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 from conformance import scheduling
@@ -74,3 +75,37 @@ def test_an_xdist_run_keeps_each_family_on_one_worker(pytester):
     shared = [family for family, ran_on in workers.items() if len(ran_on) > 1]
     assert len(cases) >= 40 and {w for ran_on in workers.values() for w in ran_on} == {"gw0", "gw1"}
     assert not shared, shared
+
+
+def test_a_crashed_worker_gives_back_only_its_tests_not_run_and_the_crashing_one_is_not_run_again():
+    collection = [f"s.py::test_forward[naive-{BASE.replace(seed=s).id}]" for s in range(4)] + \
+                 [f"s.py::test_forward[naive-{BASE.replace(dtype='fp16', seed=s).id}]" for s in range(2)] + \
+                 [f"s.py::test_forward[naive-{BASE.replace(head_dim=32).id}]"]
+    config = SimpleNamespace(option=SimpleNamespace(tx=["2*popen"]), getvalue=lambda name: ["2*popen"])
+    sched = scheduling.scheduler(config, None)
+    nodes = [_Node("gw0"), _Node("gw1")]
+    for node in nodes:
+        sched.add_node(node)
+    for node in nodes:
+        sched.add_node_collection(node, collection)
+    sched.schedule()
+    assert nodes[0].sent == [[0, 1, 2, 3]] and nodes[1].sent == [[4, 5], [6]]
+    sched.mark_test_complete(nodes[0], 0)
+    assert sched.remove_node(nodes[0]) == collection[1]  # the test it was running when it died
+    assert list(sched.workqueue.items()) == [(scheduling.scope(collection[2]), {collection[2]: False,
+                                                                               collection[3]: False})]
+    sched.mark_test_complete(nodes[1], 4)  # gw1 is down to two tests: it gets those not run
+    assert nodes[1].sent[-1] == [2, 3] and not sched.workqueue
+
+
+def test_an_xdist_run_whose_worker_dies_finishes(pytester):
+    """A kernel loaded into the worker (--isolation=none) that aborts kills the worker; xdist replaces it."""
+    pytester.makepyfile(crashers=(Path(__file__).parent / "crashers.py").read_text())
+    cases = ["b2_q65_k65_h4_d59_fp32_seed2", *(f"b2_q65_k65_h4_d64_fp32_seed{s}" for s in range(3, 7)),
+             "b2_q33_k33_h4_d40_fp32_seed7", "b2_q65_k65_h4_d64_fp64_seed8"]
+    result = pytester.runpytest_subprocess("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "-n", "2",
+                                           "--isolation=none", "--check=forward", f"--case={','.join(cases)}",
+                                           "--backend=crashers.py:aborts_at_d59", timeout=120)
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed") == 6 and outcomes.get("failed") == 1, result.stdout.str()
+    result.stdout.fnmatch_lines(["*worker 'gw*' crashed while running*d59*"])
