@@ -117,10 +117,10 @@ def fuzz_check(session, backend, check: str, learnt: dict, replay_folder: Path |
     judged: dict[str, object] = {}
 
     def example(case):
-        if session.given_up_on(backend, case):
-            hypothesis.reject()
-        result = judged.get(case.id)
+        result = judged.get(case.id)  # before the crash limit: hypothesis replays a crash it found
         if result is None:
+            if session.given_up_on(backend, case):
+                hypothesis.reject()
             result = judged[case.id] = session.run(check, backend, case)
         hypothesis.assume(result.outcome not in (Outcome.SKIPPED, Outcome.OOM))
         failure = session.failure_text(check, backend, case, result)

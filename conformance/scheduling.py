@@ -72,6 +72,16 @@ def scheduler(config, log):
             # test until it has the next, pytest-xdist #277) or shuts it down when none is left
             return super().schedule()
 
+        def _reschedule(self, node) -> None:
+            """Keep a worker at two tests or more while units wait (it holds its last test until it has the next,
+            pytest-xdist #277): a unit of one test, put back after a crash, is otherwise all a replacement worker
+            gets. A worker still collecting gets its work when its collection arrives."""
+            if node.shutting_down or node not in self.registered_collections:
+                return
+            super()._reschedule(node)
+            while self.workqueue and not node.shutting_down and self._pending_of(self.assigned_work[node]) < 2:
+                self._assign_work_unit(node)
+
         def remove_node(self, node) -> str | None:
             """A worker gone: the test it was running is the crashed one (reported by xdist, not run again)
             and only its tests not yet run go back, first in the queue. The base class puts back whole units,

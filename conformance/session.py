@@ -52,6 +52,7 @@ class ConformanceSession:
                                   memory_budget_gb=option("memory_budget"),
                                   gpu_shared_by=workerinput.get(workers.SHARED_KEY, 1))
         self.crash_streak: dict[str, list[str]] = {}  # backend -> the families of its crashes in a row
+        self.families_given_up: dict[str, set[str]] = {}  # backend -> families it crashed on --crash-limit times in a row
         self.baselines_written: list[tuple] = []
         if option("speed_against") and "speed" in self.selection.checks:  # its declaration, read where kernels run
             against = self.runner.describe([option("speed_against")])[0]
@@ -66,26 +67,27 @@ class ConformanceSession:
 
     # -- running ---------------------------------------------------------------------------------
     def given_up_on(self, backend, case: Case | None = None) -> str | None:
-        """After --crash-limit crashes or timeouts in a row, the backend is given up on; when all of them
-        were of one case family (scheduling.family), only that family is: under pytest-xdist a worker
-        runs a family's cases in a row, and one family a kernel cannot run must not cost it the others."""
+        """After --crash-limit crashes or timeouts in a row, the backend is given up on; when they were all of
+        one case family (scheduling.family), that family is, for the rest of the run: under pytest-xdist a
+        worker runs a family's cases in a row, and one family a kernel cannot run must not cost it the others."""
         streak = self.crash_streak.get(backend.name, [])
-        if len(streak) < self.crash_limit:
-            return None
-        if len(set(streak)) > 1:
+        if len(streak) >= self.crash_limit and len(set(streak)) > 1:
             return f"not run: {backend.name} crashed or timed out on {self.crash_limit} cases in a row (--crash-limit)"
-        if case is not None and scheduling.family(case) == streak[0]:
+        family = scheduling.family(case) if case is not None else None
+        if family in self.families_given_up.get(backend.name, ()):
             return (f"not run: {backend.name} crashed or timed out on {self.crash_limit} cases of this family in a "
-                    f"row ({streak[0]}; --crash-limit)")
+                    f"row ({family}; --crash-limit)")
         return None
 
     def run(self, check: str, backend, case: Case) -> CaseResult:
         result = self.runner.run(check, backend, case, self.selection.device, self.options)
         streak = self.crash_streak.setdefault(backend.name, [])
-        if result.outcome.hard_failure:
-            streak.append(scheduling.family(case))
-        else:
+        if not result.outcome.hard_failure:
             streak.clear()
+            return result
+        streak.append(scheduling.family(case))
+        if len(streak) >= self.crash_limit and len(set(streak[-self.crash_limit:])) == 1:
+            self.families_given_up.setdefault(backend.name, set()).add(streak[-1])
         return result
 
     def failure_text(self, check: str, backend, case: Case, result: CaseResult) -> str | None:

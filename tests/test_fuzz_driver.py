@@ -85,7 +85,7 @@ def test_a_case_drawn_twice_is_judged_once(monkeypatch, tmp_path):
     monkeypatch.setattr(fuzz, "cases", lambda *a, **k: st.integers(0, 1000).map(lambda i: two[i % 2]))
     runs = []
     session = SimpleNamespace(selection=SimpleNamespace(device="cpu"), fuzz_profile="ci",
-                              given_up_on=lambda backend: False, failure_text=lambda *a: None,
+                              given_up_on=lambda backend, case=None: False, failure_text=lambda *a: None,
                               run=lambda check, backend, case: runs.append(case.id) or CaseResult(Outcome.PASSED))
     fuzz_driver.fuzz_check(session, BACKEND, "forward", {}, tmp_path)
     assert sorted(runs) == sorted(c.id for c in two)  # 25 draws of two cases: each run once
