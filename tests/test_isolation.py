@@ -189,3 +189,19 @@ def test_workers_sharing_a_gpu_return_cached_device_memory_after_each_case(monke
     worker = kernel_worker._Worker()
     assert worker.handle("forget", False) == ("ok", None) and released == [1]
     assert worker.handle("forget", True) == ("ok", None) and released == [1, 2]
+
+
+def test_an_out_of_memory_in_the_judges_own_computation_says_so(monkeypatch):
+    """On a GPU that workers share, the judge's float64 reference can run out too: an oom, said to be the judge's."""
+    import torch
+
+    from conformance import checks, expected
+    from conformance.backend import OutOfMemory
+    from conformance.backends import naive
+
+    namespace = {"torch": torch}  # raised from torch's own code, as the allocator raises it
+    exec(compile("def alloc(*args, **kwargs):\n    raise torch.OutOfMemoryError('CUDA out of memory.')\n",
+                 torch.__file__, "exec"), namespace)
+    monkeypatch.setattr(expected, "make_inputs", namespace["alloc"])
+    with pytest.raises(OutOfMemory, match="^in the judge's own computation, OutOfMemoryError: CUDA out of memory"):
+        checks.execute("forward", naive.BACKEND, Case(seqlen_q=9, seqlen_k=9, seed=861204), "cpu")
