@@ -45,11 +45,8 @@ class _Node:
         self.shutting_down = True
 
 
-def test_the_scheduler_hands_out_fuzz_tests_first_then_whole_families_largest_first():
-    small, large = BASE.replace(dtype="fp16"), BASE
-    collection = [f"s.py::test_forward[naive-{small.id}]",
-                  *(f"s.py::test_forward[naive-{large.replace(seed=s).id}]" for s in range(3)),
-                  "f.py::test_fuzz[naive-forward]", f"s.py::test_causal[naive-{small.replace(seed=5).id}]"]
+def _scheduled(collection):
+    """The scheduler with two fake workers that collected ``collection``, after its first hand-out."""
     config = SimpleNamespace(option=SimpleNamespace(tx=["2*popen"]), getvalue=lambda name: ["2*popen"])
     sched = scheduling.scheduler(config, None)
     nodes = [_Node("gw0"), _Node("gw1")]
@@ -58,6 +55,15 @@ def test_the_scheduler_hands_out_fuzz_tests_first_then_whole_families_largest_fi
     for node in nodes:
         sched.add_node_collection(node, collection)
     sched.schedule()
+    return sched, nodes
+
+
+def test_the_scheduler_hands_out_fuzz_tests_first_then_whole_families_largest_first():
+    small, large = BASE.replace(dtype="fp16"), BASE
+    collection = [f"s.py::test_forward[naive-{small.id}]",
+                  *(f"s.py::test_forward[naive-{large.replace(seed=s).id}]" for s in range(3)),
+                  "f.py::test_fuzz[naive-forward]", f"s.py::test_causal[naive-{small.replace(seed=5).id}]"]
+    sched, nodes = _scheduled(collection)
     assert nodes[0].sent[0] == [4]  # the fuzz test
     assert nodes[1].sent[0] == [1, 2, 3]  # the largest family, whole
     assert nodes[0].sent[1] == [0, 5]  # the other family, a second unit so that the fuzz test runs
@@ -83,14 +89,7 @@ def test_a_crashed_worker_gives_back_only_its_tests_not_run_and_the_crashing_one
     collection = [f"s.py::test_forward[naive-{BASE.replace(seed=s).id}]" for s in range(4)] + \
                  [f"s.py::test_forward[naive-{BASE.replace(dtype='fp16', seed=s).id}]" for s in range(2)] + \
                  [f"s.py::test_forward[naive-{BASE.replace(head_dim=32).id}]"]
-    config = SimpleNamespace(option=SimpleNamespace(tx=["2*popen"]), getvalue=lambda name: ["2*popen"])
-    sched = scheduling.scheduler(config, None)
-    nodes = [_Node("gw0"), _Node("gw1")]
-    for node in nodes:
-        sched.add_node(node)
-    for node in nodes:
-        sched.add_node_collection(node, collection)
-    sched.schedule()
+    sched, nodes = _scheduled(collection)
     assert nodes[0].sent == [[0, 1, 2, 3]] and nodes[1].sent == [[4, 5], [6]]
     sched.mark_test_complete(nodes[0], 0)
     assert sched.remove_node(nodes[0]) == collection[1]  # the test it was running when it died
