@@ -24,12 +24,13 @@ from multiprocessing import reduction
 
 import torch
 
-from conformance import kernel_side
+from conformance import compile_clock, kernel_side
 from conformance.backend import (Backend, ContractError, DeviceFault, KernelCrashed, KernelRaised, KernelTimedOut,
                                  OutOfMemory, Unsupported)
 from conformance.capabilities import Capabilities
 
 STARTUP_LIMIT = 300  # seconds for the process to import torch and the suite; not counted in any call's limit
+COMPILE_ALLOWANCE = 300  # seconds of torch.compile's compilation a call may take beyond its limit (compile_clock)
 LOG_TAIL_BYTES = 64 * 1024  # how much of the kernel's log a crash report reads
 POLL_S = 0.2  # how often a wait checks that the process is still alive (a forked child may hold the pipe)
 _LIVE: weakref.WeakSet = weakref.WeakSet()
@@ -44,6 +45,7 @@ class KernelProcess:
         self._sock = None  # the connection's socket, for the file descriptors of shared tensors
         self._next_id = 0
         self._fresh_for = None  # the kernel_side.FRESH key the process serves (until other work runs there)
+        self._compiling = self._context.RawArray("d", 2)  # compile_clock's, written by the kernel's process
         self._log = tempfile.NamedTemporaryFile(prefix="attn-conformance-kernel-", suffix=".log", delete=False)
         _LIVE.add(self)
         _install_sigterm_handler()
@@ -53,7 +55,8 @@ class KernelProcess:
         from conformance.kernel_worker import serve
 
         parent, child = self._context.Pipe()
-        self._process = self._context.Process(target=serve, args=(child, self._log.name), daemon=True,
+        self._compiling[0] = self._compiling[1] = 0.0
+        self._process = self._context.Process(target=serve, args=(child, self._log.name, self._compiling), daemon=True,
                                               name="attn-conformance-kernel")
         self._process.start()
         child.close()
@@ -144,7 +147,9 @@ class KernelProcess:
         raise RuntimeError(f"kernel process: {status}: {payload}")
 
     def _wait(self, request_id: int, limit: float | None, log_start: int):
-        waited = 0.0
+        """The reply; past ``limit`` seconds, less what torch.compile spent compiling meanwhile (at most
+        COMPILE_ALLOWANCE), the call has timed out."""
+        waited, compiled_before = 0.0, compile_clock.seconds(self._compiling)
         while True:
             if self._conn.poll(POLL_S):
                 try:
@@ -164,8 +169,12 @@ class KernelProcess:
             if not self._process.is_alive():  # dead, though a child it forked may still hold the pipe
                 raise KernelCrashed(self._death(log_start))
             if limit is not None and waited >= limit:
+                compiling = min(compile_clock.seconds(self._compiling) - compiled_before, COMPILE_ALLOWANCE)
+                if waited < limit + compiling:
+                    continue
+                spent = f", {compiling:.0f} s of torch.compile's compilation not counted" if compiling >= 1 else ""
                 self.stop()
-                raise KernelTimedOut(f"one call into the kernel did not return within {limit:g} s (a hang "
+                raise KernelTimedOut(f"one call into the kernel did not return within {limit:g} s{spent} (a hang "
                                      "detector, not a speed verdict: --case-timeout); its process was killed")
 
     def _death(self, log_start: int) -> str:

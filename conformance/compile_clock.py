@@ -1,0 +1,76 @@
+"""Seconds a kernel's process spends compiling with torch.compile, kept where the judge can read them.
+
+The hang detector (``--case-timeout``) limits one call into the kernel. A compiled kernel's first call
+with a new dtype, head dim or mask compiles first; measured on an H100 with eight pytest-xdist workers
+compiling at once, compiled flex took over 120 s on two fp32 cases with odd head dims, and the
+standard tier's limit called them hangs. So what torch.compile reports as compilation (dynamo's
+compile callbacks: tracing, a backward compiled at its first use, autotuning) does not count towards a
+call's limit, up to ``kernel_client.COMPILE_ALLOWANCE`` more per call: a compilation that never ends
+still times out.
+
+Two doubles in shared memory, written only by the kernel's process: the seconds of compilations that
+ended, and when the one under way began (``time.monotonic``, one clock for every process of a
+machine), 0 when none is. A kernel could write them too, to look as if it were compiling: that only
+delays its hang verdict, by at most the allowance.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+import time
+
+CALLBACKS_MODULE = "torch._dynamo.callback"
+
+
+def seconds(clock) -> float:
+    """The seconds spent compiling so far, the compilation under way included."""
+    ended, started = clock[0], clock[1]
+    return ended + (time.monotonic() - started if started else 0.0)
+
+
+def install(clock) -> None:
+    """In the kernel's process: count torch.compile's compilations in ``clock``. Importing dynamo costs
+    over a second, so the callbacks are registered when the kernel's code first imports it."""
+    module = sys.modules.get(CALLBACKS_MODULE)
+    if module is not None:
+        _register(module, clock)
+    else:
+        sys.meta_path.insert(0, _OnImport(clock))
+
+
+def _register(module, clock) -> None:
+    def start(*_):
+        clock[1] = time.monotonic()
+
+    def end(*_):
+        if clock[1]:
+            clock[0] += time.monotonic() - clock[1]
+        clock[1] = 0.0
+
+    module.on_compile_start(start)
+    module.on_compile_end(end)
+
+
+class _OnImport(importlib.abc.MetaPathFinder):
+    """Registers the callbacks as soon as dynamo's callback module has run, then steps aside."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def find_spec(self, name, path, target=None):
+        if name != CALLBACKS_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        run, clock = spec.loader.exec_module, self.clock
+
+        def exec_module(module):
+            run(module)
+            _register(module, clock)
+
+        spec.loader.exec_module = exec_module
+        return spec
