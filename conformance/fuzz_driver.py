@@ -12,6 +12,12 @@ complete serialisation of the case) in ``.hypothesis/conformance/<backend>--<che
 ``$HYPOTHESIS_STORAGE_DIRECTORY`` when set; an import string's backend name becomes its readable part
 and a digest), replayed first on the next run as an explicit example, and
 dropped once it passes. Hypothesis' own database is not used.
+
+Shrinking. After the first failure, hypothesis runs ever smaller cases until none fails (up to five
+minutes). Where each new case compiles a kernel (compiled flex: 3 to over 60 s each on an H100) that
+was the whole run: the standard tier's fuzz tests of flex shrank for over five minutes. So shrinking
+runs at most as many new cases as the profile draws (``max_examples``); past that hypothesis' further
+candidates are rejected unrun, and the smallest failing case found so far is the one reported.
 """
 
 from __future__ import annotations
@@ -115,12 +121,16 @@ def fuzz_check(session, backend, check: str, learnt: dict, replay_folder: Path |
     # Distinct draws may map to one case (hypothesis tells draws apart, not cases): each case is judged
     # once per fuzz test, and a repeat, or hypothesis' replay of the failing one, gets its result.
     judged: dict[str, object] = {}
+    shrink_budget = settings.get_profile(name).max_examples  # new cases run after the first failure, at most
+    shrunk: list[Case] = []
 
     def example(case):
         result = judged.get(case.id)  # before the crash limit: hypothesis replays a crash it found
         if result is None:
-            if session.given_up_on(backend, case):
+            if session.given_up_on(backend, case) or (failing and len(shrunk) >= shrink_budget):
                 hypothesis.reject()
+            if failing:
+                shrunk.append(case)
             result = judged[case.id] = session.run(check, backend, case)
         hypothesis.assume(result.outcome not in (Outcome.SKIPPED, Outcome.OOM))
         failure = session.failure_text(check, backend, case, result)

@@ -2,6 +2,7 @@
 finding (no traceback through this suite), the minimal failing case saved per backend × check and
 replayed first by the next run, in every profile, and dropped once it passes."""
 
+import pytest
 from hypothesis import settings
 
 from conformance import fuzz, fuzz_driver
@@ -89,3 +90,30 @@ def test_a_case_drawn_twice_is_judged_once(monkeypatch, tmp_path):
                               run=lambda check, backend, case: runs.append(case.id) or CaseResult(Outcome.PASSED))
     fuzz_driver.fuzz_check(session, BACKEND, "forward", {}, tmp_path)
     assert sorted(runs) == sorted(c.id for c in two)  # 25 draws of two cases: each run once
+
+
+def test_shrinking_runs_at_most_as_many_new_cases_as_the_profile_draws(monkeypatch, tmp_path):
+    """Each new case of a compiled kernel compiles: hypothesis' shrinking is cut after max_examples new
+    cases, and the case reported is the smallest that failed by then (one that was run and failed)."""
+    from types import SimpleNamespace
+
+    from hypothesis import strategies as st
+
+    from conformance.backends.naive import BACKEND
+    from conformance.case import Case
+    from conformance.isolation import CaseResult
+    from conformance.outcomes import Outcome
+
+    # every case fails; eight numbers to shrink make hypothesis try far more than 25 smaller ones
+    def case(numbers):
+        return Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=1, head_dim=8, dtype="fp32", seed=hash(numbers) % 10**9)
+
+    monkeypatch.setattr(fuzz, "cases", lambda *a, **k: st.tuples(*[st.integers(0, 10**6)] * 8).map(case))
+    runs = []
+    session = SimpleNamespace(selection=SimpleNamespace(device="cpu"), fuzz_profile="ci",
+                              given_up_on=lambda backend, case=None: False, failure_text=lambda *a: "it fails",
+                              run=lambda check, backend, case: runs.append(case.id) or CaseResult(Outcome.FAILED))
+    learnt = {}
+    with pytest.raises(pytest.fail.Exception, match="it fails"):
+        fuzz_driver.fuzz_check(session, BACKEND, "forward", learnt, tmp_path)
+    assert len(runs) == 1 + fuzz.PROFILES["ci"]["max_examples"] and learnt["case"].id in runs
