@@ -92,9 +92,10 @@ def test_a_case_drawn_twice_is_judged_once(monkeypatch, tmp_path):
     assert sorted(runs) == sorted(c.id for c in two)  # 25 draws of two cases: each run once
 
 
-def test_shrinking_runs_at_most_as_many_new_cases_as_the_profile_draws(monkeypatch, tmp_path):
-    """Each new case of a compiled kernel compiles: hypothesis' shrinking is cut after max_examples new
-    cases, and the case reported is the smallest that failed by then (one that was run and failed)."""
+def test_shrinking_runs_new_cases_for_a_bounded_time(monkeypatch, tmp_path):
+    """Each new case of a compiled kernel compiles: hypothesis' shrinking runs new cases only within
+    SHRINK_SECONDS of the first failure, and the case reported is the smallest failing one found by then
+    (one that was run and failed); a fast kernel shrinks to the end."""
     from types import SimpleNamespace
 
     from hypothesis import strategies as st
@@ -104,16 +105,23 @@ def test_shrinking_runs_at_most_as_many_new_cases_as_the_profile_draws(monkeypat
     from conformance.isolation import CaseResult
     from conformance.outcomes import Outcome
 
-    # every case fails; eight numbers to shrink make hypothesis try far more than 25 smaller ones
+    # every case fails; eight numbers to shrink make hypothesis try many smaller ones
     def case(numbers):
-        return Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=1, head_dim=8, dtype="fp32", seed=hash(numbers) % 10**9)
+        return Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=1, head_dim=8, dtype="fp32", seed=sum(numbers))
 
     monkeypatch.setattr(fuzz, "cases", lambda *a, **k: st.tuples(*[st.integers(0, 10**6)] * 8).map(case))
     runs = []
     session = SimpleNamespace(selection=SimpleNamespace(device="cpu"), fuzz_profile="ci",
                               given_up_on=lambda backend, case=None: False, failure_text=lambda *a: "it fails",
-                              run=lambda check, backend, case: runs.append(case.id) or CaseResult(Outcome.FAILED))
-    learnt = {}
-    with pytest.raises(pytest.fail.Exception, match="it fails"):
-        fuzz_driver.fuzz_check(session, BACKEND, "forward", learnt, tmp_path)
-    assert len(runs) == 1 + fuzz.PROFILES["ci"]["max_examples"] and learnt["case"].id in runs
+                              run=lambda check, backend, case: runs.append(case) or CaseResult(Outcome.FAILED))
+    for seconds in (60, 0):
+        monkeypatch.setattr(fuzz_driver, "SHRINK_SECONDS", seconds)
+        runs.clear()
+        learnt = {}
+        with pytest.raises(pytest.fail.Exception, match="it fails"):  # a folder each: no case replayed
+            fuzz_driver.fuzz_check(session, BACKEND, "forward", learnt, tmp_path / str(seconds))
+        assert learnt["case"] in runs
+        if seconds:  # shrunk to the end: the smallest seed
+            assert len(runs) > 20 and learnt["case"].seed == 0
+        else:  # no time to shrink: the first failing case is the one reported
+            assert runs == [learnt["case"]]
