@@ -3,15 +3,16 @@
 The hang detector (``--case-timeout``) limits one call into the kernel. A compiled kernel's first call
 with a new dtype, head dim or mask compiles first; measured on an H100 with eight pytest-xdist workers
 compiling at once, compiled flex took over 120 s on two fp32 cases with odd head dims, and the
-standard tier's limit called them hangs. So what torch.compile reports as compilation (dynamo's
-compile callbacks: tracing, a backward compiled at its first use, autotuning) does not count towards a
-call's limit, up to ``kernel_client.COMPILE_ALLOWANCE`` more per call: a compilation that never ends
+standard tier's limit called them hangs (a third such case did not finish compiling in 4 minutes on an
+idle H100: a real finding). So what torch.compile reports as compilation (dynamo's compile callbacks:
+tracing, a backward compiled at its first use, autotuning) does not count towards a call's limit, up
+to the limit again: a call that compiles may take twice its limit, and a compilation that never ends
 still times out.
 
 Two doubles in shared memory, written only by the kernel's process: the seconds of compilations that
 ended, and when the one under way began (``time.monotonic``, one clock for every process of a
 machine), 0 when none is. A kernel could write them too, to look as if it were compiling: that only
-delays its hang verdict, by at most the allowance.
+delays its hang verdict, by at most the call's limit.
 """
 
 from __future__ import annotations
