@@ -9,20 +9,52 @@ tracing, a backward compiled at its first use, autotuning) does not count toward
 to the limit again: a call that compiles may take twice its limit, and a compilation that never ends
 still times out.
 
-Two doubles in shared memory, written only by the kernel's process: the seconds of compilations that
-ended, and when the one under way began (``time.monotonic``, one clock for every process of a
-machine), 0 when none is. A kernel could write them too, to look as if it were compiling: that only
-delays its hang verdict, by at most the call's limit.
+Two doubles in a small file that both processes map, written only by the kernel's process: the
+seconds of compilations that ended, and when the one under way began (``time.monotonic``, one clock for
+every process of a machine), 0 when none is. The judge makes the file for each process it starts and
+removes its name once the process has mapped it (a path, not a shared object, crosses to the spawned
+process: multiprocessing's shared arrays fail to pickle after pytester has reloaded multiprocessing).
+A kernel could write them too, to look as if it were compiling: that only delays its hang verdict, by
+at most the call's limit.
 """
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import mmap
+import os
+import struct
 import sys
+import tempfile
 import time
 
 CALLBACKS_MODULE = "torch._dynamo.callback"
+_LAYOUT = struct.Struct("dd")  # seconds of ended compilations; monotonic start of the one under way, or 0
+
+
+class Clock:
+    """The two doubles, mapped from ``path`` (a new file, zeroed, when no path is given)."""
+
+    def __init__(self, path: str | None = None):
+        if path is None:
+            fd, path = tempfile.mkstemp(prefix="attn-conformance-compile-clock-")
+            os.ftruncate(fd, _LAYOUT.size)
+        else:
+            fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, _LAYOUT.size)
+        finally:
+            os.close(fd)
+        self.path = path
+
+    def __getitem__(self, i: int) -> float:
+        return _LAYOUT.unpack_from(self._map)[i]
+
+    def __setitem__(self, i: int, value: float) -> None:
+        values = list(_LAYOUT.unpack_from(self._map))
+        values[i] = value
+        _LAYOUT.pack_into(self._map, 0, *values)
 
 
 def seconds(clock) -> float:

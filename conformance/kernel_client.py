@@ -44,7 +44,7 @@ class KernelProcess:
         self._sock = None  # the connection's socket, for the file descriptors of shared tensors
         self._next_id = 0
         self._fresh_for = None  # the kernel_side.FRESH key the process serves (until other work runs there)
-        self._compiling = self._context.RawArray("d", 2)  # compile_clock's, written by the kernel's process
+        self._compiling = None  # the process's compile_clock.Clock
         self._log = tempfile.NamedTemporaryFile(prefix="attn-conformance-kernel-", suffix=".log", delete=False)
         _LIVE.add(self)
         _install_sigterm_handler()
@@ -54,16 +54,20 @@ class KernelProcess:
         from conformance.kernel_worker import serve
 
         parent, child = self._context.Pipe()
-        self._compiling[0] = self._compiling[1] = 0.0
-        self._process = self._context.Process(target=serve, args=(child, self._log.name, self._compiling), daemon=True,
-                                              name="attn-conformance-kernel")
-        self._process.start()
-        child.close()
-        self._conn, self._sock = parent, connection_socket(parent)
+        self._compiling = compile_clock.Clock()
         try:
-            ready = parent.poll(STARTUP_LIMIT) and receive(parent, self._sock, _ReplyUnpickler, 10) == "ready"
-        except (EOFError, OSError, ProtocolError, pickle.UnpicklingError):
-            ready = False
+            process = self._context.Process(target=serve, args=(child, self._log.name, self._compiling.path),
+                                            daemon=True, name="attn-conformance-kernel")
+            process.start()
+            self._process = process
+            child.close()
+            self._conn, self._sock = parent, connection_socket(parent)
+            try:
+                ready = parent.poll(STARTUP_LIMIT) and receive(parent, self._sock, _ReplyUnpickler, 10) == "ready"
+            except (EOFError, OSError, ProtocolError, pickle.UnpicklingError):
+                ready = False
+        finally:
+            os.unlink(self._compiling.path)  # mapped by both processes now (or the process is gone)
         if not ready:
             code = self.stop()
             raise RuntimeError(f"the kernel process did not start ({_describe_exit(code)}): "

@@ -39,7 +39,7 @@ def _die_with_parent() -> None:
 LOG_LIMIT_BYTES = 2**30  # the largest file this process may write (its log; shared memory for what it returns)
 
 
-def serve(conn, log_path: str, compiling) -> None:
+def serve(conn, log_path: str, clock_path: str) -> None:
     os.setpgrp()  # a group of its own: the judge kills it with every process the kernel started
     _die_with_parent()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crashing kernel must not write a core dump of GBs
@@ -53,7 +53,7 @@ def serve(conn, log_path: str, compiling) -> None:
 
     from conformance import compile_clock, kernel_side, registry, threads  # noqa: F401
 
-    compile_clock.install(compiling)  # the judge's hang detector does not count torch.compile's compilation
+    compile_clock.install(compile_clock.Clock(clock_path))  # the judge's time limit does not count compilation
     threads.limit()  # torch's threads, unless the user set OMP_NUM_THREADS (threads.py: a busy machine)
 
     from conformance.kernel_client import connection_socket, receive, send
