@@ -16,7 +16,7 @@ dropped once it passes. Hypothesis' own database is not used.
 Shrinking. After the first failure, hypothesis runs ever smaller cases until none fails (for up to
 five minutes). Where each new case compiles a kernel that was most of a run: on an H100, compiled flex's
 standard-tier fuzz tests each shrank for hypothesis' full five minutes, one compilation after another
-(3 to over 60 s each; a case whose compilation never ends, over 7 minutes to time out). So new cases
+(3 to over 60 s each, and minutes for one whose compilation never ends). So new cases
 are run for at most ``SHRINK_SECONDS`` after the first failure; past that hypothesis' further
 candidates are rejected unrun, and the smallest failing case found by then is the one reported. A
 kernel that answers in milliseconds still shrinks to the end.
