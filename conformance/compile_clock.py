@@ -48,22 +48,21 @@ class Clock:
             os.close(fd)
         self.path = path
 
-    def __getitem__(self, i: int) -> float:
-        return _LAYOUT.unpack_from(self._map)[i]
+    def seconds(self) -> float:
+        """The seconds spent compiling so far, the compilation under way included."""
+        ended, started = _LAYOUT.unpack_from(self._map)
+        return ended + (time.monotonic() - started if started else 0.0)
 
-    def __setitem__(self, i: int, value: float) -> None:
-        values = list(_LAYOUT.unpack_from(self._map))
-        values[i] = value
-        _LAYOUT.pack_into(self._map, 0, *values)
+    def start(self, *_) -> None:
+        """dynamo's compile-start callback (it passes the compilation's arguments)."""
+        ended, _started = _LAYOUT.unpack_from(self._map)
+        _LAYOUT.pack_into(self._map, 0, ended, time.monotonic())
+
+    def end(self, *_) -> None:
+        _LAYOUT.pack_into(self._map, 0, self.seconds(), 0.0)
 
 
-def seconds(clock) -> float:
-    """The seconds spent compiling so far, the compilation under way included."""
-    ended, started = clock[0], clock[1]
-    return ended + (time.monotonic() - started if started else 0.0)
-
-
-def install(clock) -> None:
+def install(clock: Clock) -> None:
     """In the kernel's process: count torch.compile's compilations in ``clock``. Importing dynamo costs
     over a second, so the callbacks are registered when the kernel's code first imports it."""
     module = sys.modules.get(CALLBACKS_MODULE)
@@ -73,17 +72,9 @@ def install(clock) -> None:
         sys.meta_path.insert(0, _OnImport(clock))
 
 
-def _register(module, clock) -> None:
-    def start(*_):
-        clock[1] = time.monotonic()
-
-    def end(*_):
-        if clock[1]:
-            clock[0] += time.monotonic() - clock[1]
-        clock[1] = 0.0
-
-    module.on_compile_start(start)
-    module.on_compile_end(end)
+def _register(module, clock: Clock) -> None:
+    module.on_compile_start(clock.start)
+    module.on_compile_end(clock.end)
 
 
 class _OnImport(importlib.abc.MetaPathFinder):

@@ -44,7 +44,7 @@ class KernelProcess:
         self._sock = None  # the connection's socket, for the file descriptors of shared tensors
         self._next_id = 0
         self._fresh_for = None  # the kernel_side.FRESH key the process serves (until other work runs there)
-        self._compiling = None  # the process's compile_clock.Clock
+        self._compile_clock = None  # the process's compile_clock.Clock
         self._log = tempfile.NamedTemporaryFile(prefix="attn-conformance-kernel-", suffix=".log", delete=False)
         _LIVE.add(self)
         _install_sigterm_handler()
@@ -54,9 +54,9 @@ class KernelProcess:
         from conformance.kernel_worker import serve
 
         parent, child = self._context.Pipe()
-        self._compiling = compile_clock.Clock()
+        self._compile_clock = compile_clock.Clock()
         try:
-            process = self._context.Process(target=serve, args=(child, self._log.name, self._compiling.path),
+            process = self._context.Process(target=serve, args=(child, self._log.name, self._compile_clock.path),
                                             daemon=True, name="attn-conformance-kernel")
             process.start()
             self._process = process
@@ -67,7 +67,7 @@ class KernelProcess:
             except (EOFError, OSError, ProtocolError, pickle.UnpicklingError):
                 ready = False
         finally:
-            os.unlink(self._compiling.path)  # mapped by both processes now (or the process is gone)
+            os.unlink(self._compile_clock.path)  # mapped by both processes now (or the process is gone)
         if not ready:
             code = self.stop()
             raise RuntimeError(f"the kernel process did not start ({_describe_exit(code)}): "
@@ -152,7 +152,7 @@ class KernelProcess:
     def _wait(self, request_id: int, limit: float | None, log_start: int):
         """The reply; past ``limit`` seconds, less what torch.compile spent compiling meanwhile (at most
         ``limit`` again: a compilation that never ends still times out), the call has timed out."""
-        waited, compiled_before = 0.0, compile_clock.seconds(self._compiling)
+        waited, compiled_before = 0.0, self._compile_clock.seconds()
         while True:
             if self._conn.poll(POLL_S):
                 try:
@@ -172,7 +172,7 @@ class KernelProcess:
             if not self._process.is_alive():  # dead, though a child it forked may still hold the pipe
                 raise KernelCrashed(self._death(log_start))
             if limit is not None and waited >= limit:
-                compiling = min(compile_clock.seconds(self._compiling) - compiled_before, limit)
+                compiling = min(self._compile_clock.seconds() - compiled_before, limit)
                 if waited < limit + compiling:
                     continue
                 spent = f", {compiling:.0f} s of torch.compile's compilation not counted" if compiling >= 1 else ""
