@@ -5,8 +5,13 @@ Profiles. ``fuzz.PROFILES`` are registered with hypothesis as ``conformance-NAME
 so ``--hypothesis-profile=conformance-dev`` selects one as well as ``--fuzz=dev`` does (the hypothesis
 option wins when it names one of ours); a project's own profiles are left alone and do not change ours.
 
-Replay. ``ci`` draws the same examples every run (derandomized), and hypothesis turns its example
-database off for a derandomized test (a fixed seed does too). So the replay is our own and the same in
+Draws. ``ci`` draws the same examples every run (derandomized). Hypothesis derives a derandomized
+test's seed from the test function's source, which here is this module's: an edit of the driver would
+change every run's draws, and with them which compiled variants a warm cache already holds. So a
+derandomized profile runs with a seed of the check's name (``draw_seed``) instead, which hypothesis
+takes over ``derandomize``: the draws depend on the check, the declaration and hypothesis' version.
+
+Replay. Hypothesis turns its example database off for a derandomized test (a fixed seed does too). So the replay is our own and the same in
 every profile: the minimal failing case of each backend × check is saved by its id (a case id is a
 complete serialisation of the case) in ``.hypothesis/conformance/<backend>--<check>.txt`` (under
 ``$HYPOTHESIS_STORAGE_DIRECTORY`` when set; an import string's backend name becomes its readable part
@@ -109,6 +114,11 @@ def _assertion_texts(exc: BaseException) -> list[str] | None:
     return None
 
 
+def draw_seed(check: str) -> int:
+    """The seed of a derandomized profile's draws (Draws, above): the check's name, digested."""
+    return int.from_bytes(hashlib.sha256(check.encode()).digest()[:8], "big")
+
+
 def fuzz_check(session, backend, check: str, learnt: dict, replay_folder: Path | None = None) -> None:
     """Fails the test (pytest.fail, no traceback through this suite) with the minimal failing case's
     text: the kernel's finding and the rerun line; hypothesis shrinks to it. The last failure is left in
@@ -125,12 +135,13 @@ def fuzz_check(session, backend, check: str, learnt: dict, replay_folder: Path |
     # Distinct draws may map to one case (hypothesis tells draws apart, not cases): each case is judged
     # once per fuzz test, and a repeat, or hypothesis' replay of the failing one, gets its result.
     judged: dict[str, object] = {}
-    first_failure_at: list[float] = []
+    first_failure_at = None  # time.monotonic() of the first failure: shrinking's time runs from it
 
     def example(case):
+        nonlocal first_failure_at
         result = judged.get(case.id)  # before the crash limit: hypothesis replays a crash it found
         if result is None:
-            shrinking_done = first_failure_at and time.monotonic() - first_failure_at[0] >= SHRINK_SECONDS
+            shrinking_done = first_failure_at is not None and time.monotonic() - first_failure_at >= SHRINK_SECONDS
             if shrinking_done or session.given_up_on(backend, case):
                 hypothesis.reject()
             result = judged[case.id] = session.run(check, backend, case)
@@ -140,13 +151,17 @@ def fuzz_check(session, backend, check: str, learnt: dict, replay_folder: Path |
             learnt.clear()
             learnt.update(case=case, outcome=result.outcome, result=result)
             failing.append(case)
-            first_failure_at[:] = first_failure_at or [time.monotonic()]
+            if first_failure_at is None:
+                first_failure_at = time.monotonic()
             raise AssertionError(failure)
 
     test = hypothesis.given(case=strategy)(example)
     for case in reversed(saved):  # explicit examples run first, before any draw
         test = hypothesis.example(case=case)(test)
-    test = settings(settings.get_profile(name))(test)
+    profile = settings.get_profile(name)
+    if profile.derandomize:
+        test = hypothesis.seed(draw_seed(check))(test)
+    test = settings(profile)(test)
     try:
         test()
     except Exception as exc:  # noqa: BLE001 - sorted below: a kernel's failure, or the harness's

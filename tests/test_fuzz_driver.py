@@ -92,6 +92,42 @@ def test_a_case_drawn_twice_is_judged_once(monkeypatch, tmp_path):
     assert sorted(runs) == sorted(c.id for c in two)  # 25 draws of two cases: each run once
 
 
+def test_derandomized_draws_depend_on_the_check_not_on_the_drivers_source(monkeypatch, tmp_path):
+    """Hypothesis seeds a derandomized test from its function's source: the driver's own, so any edit of
+    it changed every CI run's draws. The ci profile's draws are those of the check's seed, as any
+    function of the same strategy draws them."""
+    from types import SimpleNamespace
+
+    import hypothesis
+    from hypothesis import strategies as st
+
+    from conformance.backends.naive import BACKEND
+    from conformance.case import Case
+    from conformance.isolation import CaseResult
+    from conformance.outcomes import Outcome
+
+    strategy = st.integers(0, 10**6).map(
+        lambda i: Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=1, head_dim=8, dtype="fp32", seed=i))
+    monkeypatch.setattr(fuzz, "cases", lambda *a, **k: strategy)
+    runs = []
+    session = SimpleNamespace(selection=SimpleNamespace(device="cpu"), fuzz_profile="ci",
+                              given_up_on=lambda backend, case=None: False, failure_text=lambda *a: None,
+                              run=lambda check, backend, case: runs.append(case.id) or CaseResult(Outcome.PASSED))
+    fuzz_driver.fuzz_check(session, BACKEND, "forward", {}, tmp_path)
+
+    drawn = []
+
+    @hypothesis.seed(fuzz_driver.draw_seed("forward"))
+    @settings(settings.get_profile("conformance-ci"))
+    @hypothesis.given(case=strategy)
+    def elsewhere(case):
+        drawn.append(case.id)
+
+    elsewhere()
+    assert len(set(runs)) > 10 and sorted(set(runs)) == sorted(set(drawn))
+    assert fuzz_driver.draw_seed("forward") != fuzz_driver.draw_seed("gradients")
+
+
 def test_shrinking_runs_new_cases_for_a_bounded_time(monkeypatch, tmp_path):
     """Each new case of a compiled kernel compiles: hypothesis' shrinking runs new cases only within
     SHRINK_SECONDS of the first failure, and the case reported is the smallest failing one found by then
