@@ -45,7 +45,7 @@ class KernelProcess:
         self._next_id = 0
         self._fresh_for = None  # the kernel_side.FRESH key the process serves (until other work runs there)
         self._compile_clock = None  # the process's compile_clock.Clock
-        self._log = tempfile.NamedTemporaryFile(prefix="attn-conformance-kernel-", suffix=".log", delete=False)
+        self._log = None  # the process's log, open here; its name is removed once the process has opened it
         _LIVE.add(self)
         _install_sigterm_handler()
 
@@ -54,6 +54,9 @@ class KernelProcess:
         from conformance.kernel_worker import serve
 
         parent, child = self._context.Pipe()
+        if self._log is not None:
+            self._log.close()
+        self._log = tempfile.NamedTemporaryFile(prefix="attn-conformance-kernel-", suffix=".log", delete=False)
         self._compile_clock = compile_clock.Clock()
         try:
             process = self._context.Process(target=serve, args=(child, self._log.name, self._compile_clock.path),
@@ -67,11 +70,14 @@ class KernelProcess:
             except (EOFError, OSError, ProtocolError, pickle.UnpicklingError):
                 ready = False
         finally:
-            os.unlink(self._compile_clock.path)  # mapped by both processes now (or the process is gone)
+            # opened by both processes now (or the process is gone): no file is left behind, even when the
+            # judge is killed
+            os.unlink(self._compile_clock.path)
+            os.unlink(self._log.name)
         if not ready:
             code = self.stop()
             raise RuntimeError(f"the kernel process did not start ({_describe_exit(code)}): "
-                               f"{_log_excerpt(self._log.name, 0)}")
+                               f"{_log_excerpt(self._log, 0)}")
 
     def stop(self) -> int | None:
         """Kill the process and its group (whatever the kernel started); its exit code."""
@@ -103,10 +109,8 @@ class KernelProcess:
 
     def close(self) -> None:
         self._exit()
-        try:
-            os.unlink(self._log.name)
-        except OSError:
-            pass
+        if self._log is not None:
+            self._log.close()
 
     # -- requests --------------------------------------------------------------------------------
     def request(self, op: str, args, timeout: float | None = None, like: torch.Tensor | None = None,
@@ -121,7 +125,7 @@ class KernelProcess:
         self._fresh_for = fresh_for
         self._next_id += 1
         request_id = self._next_id
-        log_start = os.path.getsize(self._log.name)
+        log_start = os.fstat(self._log.fileno()).st_size
         limit = timeout if timeout is not None else self.call_timeout
         send(self._conn, self._sock, (request_id, op, args))
         try:
@@ -182,7 +186,7 @@ class KernelProcess:
 
     def _death(self, log_start: int) -> str:
         code = self.stop()
-        tail = _log_excerpt(self._log.name, log_start)
+        tail = _log_excerpt(self._log, log_start)
         return f"the kernel's process died with {_describe_exit(code)}" + (f": {tail}" if tail else "")
 
     # -- what the checks use ----------------------------------------------------------------------
@@ -431,12 +435,11 @@ def _stop_all() -> None:
         client.stop()
 
 
-def _log_excerpt(path: str, start: int) -> str:
-    """What the process wrote since ``start``: from the fatal error's report if there is one (that is
-    what says why it died), else its last lines."""
-    with open(path, "rb") as f:
-        f.seek(max(start, os.path.getsize(path) - LOG_TAIL_BYTES))
-        lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+def _log_excerpt(log, start: int) -> str:
+    """What the process wrote to ``log`` (the judge's open file) since ``start``: from the fatal error's
+    report if there is one (that is what says why it died), else its last lines."""
+    log.seek(max(start, os.fstat(log.fileno()).st_size - LOG_TAIL_BYTES))
+    lines = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()]
     fatal = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
     shown = lines[fatal[-1]: fatal[-1] + 4] if fatal else lines[-4:]
     return " | ".join(shown)[:800]

@@ -189,6 +189,31 @@ def test_timeouts_and_crashes_surface_as_their_own_exceptions(tmp_path):
     assert KernelTimedOut and KernelCrashed  # the exceptions the runner turns into these outcomes
 
 
+def test_a_kernel_process_leaves_no_file_behind_and_its_log_still_explains_a_crash(tmp_path, monkeypatch):
+    """The log and the compile clock lose their names once the kernel's process has opened them: a judge
+    that is killed leaves no file in the temporary folder (runs killed by CI timeouts left an empty log
+    each). The judge reads the log through its open file: a crash's message still quotes it."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    (tmp_path / "k.py").write_text("import os\n"
+                                   "def dies(q, k, v, **kw):\n"
+                                   "    print('the last words of the kernel', flush=True)\n"
+                                   "    os._exit(3)\n")
+    runner = isolation.Isolated(call_timeout=30)
+    try:
+        [row] = runner.describe([f"{tmp_path}/k.py:dies"])
+        assert list(folder.iterdir()) == []  # the process runs: a SIGKILL to the judge now leaves nothing
+        case = Case(batch=1, seqlen_q=4, seqlen_k=4, nheads=1, head_dim=8)
+        died = runner.run("forward", row.backend, case, "cpu", RunOptions())
+        assert died.outcome == "crashed" and "the last words of the kernel" in died.message
+        assert list(folder.iterdir()) == []
+    finally:
+        runner.close()
+
+
 COMPILING = """import time
 import torch
 
