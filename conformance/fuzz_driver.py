@@ -11,12 +11,12 @@ change every run's draws, and with them which compiled variants a warm cache alr
 derandomized profile runs with a seed of the check's name (``draw_seed``) instead, which hypothesis
 takes over ``derandomize``: the draws depend on the check, the declaration and hypothesis' version.
 
-Replay. Hypothesis turns its example database off for a derandomized test (a fixed seed does too). So the replay is our own and the same in
-every profile: the minimal failing case of each backend × check is saved by its id (a case id is a
-complete serialisation of the case) in ``.hypothesis/conformance/<backend>--<check>.txt`` (under
-``$HYPOTHESIS_STORAGE_DIRECTORY`` when set; an import string's backend name becomes its readable part
-and a digest), replayed first on the next run as an explicit example, and
-dropped once it passes. Hypothesis' own database is not used.
+Replay. Hypothesis turns its example database off for a derandomized test (a fixed seed does too).
+So the replay is our own and the same in every profile: the minimal failing case of each backend ×
+check is saved by its id (a case id is a complete serialisation of the case) in
+``.hypothesis/conformance/<backend>--<check>.txt`` (under ``$HYPOTHESIS_STORAGE_DIRECTORY`` when set;
+an import string's backend name becomes its readable part and a digest), replayed first on the next
+run as an explicit example, and dropped once it passes. Hypothesis' own database is not used.
 
 Shrinking. After the first failure, hypothesis runs ever smaller cases until none fails (for up to
 five minutes). Where each new case compiles a kernel that was most of a run: on an H100, compiled flex's
