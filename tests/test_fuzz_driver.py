@@ -29,6 +29,14 @@ IGNORES_SCALE = KERNEL.replace("SCALE", "q.shape[-1] ** -0.5")
 CORRECT = KERNEL.replace("SCALE", "(softmax_scale or q.shape[-1] ** -0.5)")
 
 
+def stub_session(run, failure_text=lambda *a: None):
+    """What fuzz_check asks of the session, on the CPU with the ci profile: ``run`` judges a case."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(selection=SimpleNamespace(device="cpu"), fuzz_profile="ci",
+                           given_up_on=lambda backend, case=None: False, failure_text=failure_text, run=run)
+
+
 def test_profiles_are_registered_and_selectable():
     for name, values in fuzz.PROFILES.items():
         registered = settings.get_profile(f"conformance-{name}")
@@ -73,8 +81,6 @@ def test_failure_is_the_kernels_finding_saved_replayed_and_dropped_once_fixed(py
 
 
 def test_a_case_drawn_twice_is_judged_once(monkeypatch, tmp_path):
-    from types import SimpleNamespace
-
     from hypothesis import strategies as st
 
     from conformance.backends.naive import BACKEND
@@ -85,9 +91,7 @@ def test_a_case_drawn_twice_is_judged_once(monkeypatch, tmp_path):
     two = [Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=1, head_dim=8, dtype="fp32", seed=s) for s in (1, 2)]
     monkeypatch.setattr(fuzz, "cases", lambda *a, **k: st.integers(0, 1000).map(lambda i: two[i % 2]))
     runs = []
-    session = SimpleNamespace(selection=SimpleNamespace(device="cpu"), fuzz_profile="ci",
-                              given_up_on=lambda backend, case=None: False, failure_text=lambda *a: None,
-                              run=lambda check, backend, case: runs.append(case.id) or CaseResult(Outcome.PASSED))
+    session = stub_session(lambda check, backend, case: runs.append(case.id) or CaseResult(Outcome.PASSED))
     fuzz_driver.fuzz_check(session, BACKEND, "forward", {}, tmp_path)
     assert sorted(runs) == sorted(c.id for c in two)  # 25 draws of two cases: each run once
 
@@ -96,8 +100,6 @@ def test_derandomized_draws_depend_on_the_check_not_on_the_drivers_source(monkey
     """Hypothesis seeds a derandomized test from its function's source: the driver's own, so any edit of
     it changed every CI run's draws. The ci profile's draws are those of the check's seed, as any
     function of the same strategy draws them."""
-    from types import SimpleNamespace
-
     import hypothesis
     from hypothesis import strategies as st
 
@@ -110,9 +112,7 @@ def test_derandomized_draws_depend_on_the_check_not_on_the_drivers_source(monkey
         lambda i: Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=1, head_dim=8, dtype="fp32", seed=i))
     monkeypatch.setattr(fuzz, "cases", lambda *a, **k: strategy)
     runs = []
-    session = SimpleNamespace(selection=SimpleNamespace(device="cpu"), fuzz_profile="ci",
-                              given_up_on=lambda backend, case=None: False, failure_text=lambda *a: None,
-                              run=lambda check, backend, case: runs.append(case.id) or CaseResult(Outcome.PASSED))
+    session = stub_session(lambda check, backend, case: runs.append(case.id) or CaseResult(Outcome.PASSED))
     fuzz_driver.fuzz_check(session, BACKEND, "forward", {}, tmp_path)
 
     drawn = []
@@ -132,8 +132,6 @@ def test_shrinking_runs_new_cases_for_a_bounded_time(monkeypatch, tmp_path):
     """Each new case of a compiled kernel compiles: hypothesis' shrinking runs new cases only within
     SHRINK_SECONDS of the first failure, and the case reported is the smallest failing one found by then
     (one that was run and failed); a fast kernel shrinks to the end."""
-    from types import SimpleNamespace
-
     from hypothesis import strategies as st
 
     from conformance.backends.naive import BACKEND
@@ -147,9 +145,8 @@ def test_shrinking_runs_new_cases_for_a_bounded_time(monkeypatch, tmp_path):
 
     monkeypatch.setattr(fuzz, "cases", lambda *a, **k: st.tuples(*[st.integers(0, 10**6)] * 8).map(case))
     runs = []
-    session = SimpleNamespace(selection=SimpleNamespace(device="cpu"), fuzz_profile="ci",
-                              given_up_on=lambda backend, case=None: False, failure_text=lambda *a: "it fails",
-                              run=lambda check, backend, case: runs.append(case) or CaseResult(Outcome.FAILED))
+    session = stub_session(lambda check, backend, case: runs.append(case) or CaseResult(Outcome.FAILED),
+                           failure_text=lambda *a: "it fails")
     for seconds in (60, 0):
         monkeypatch.setattr(fuzz_driver, "SHRINK_SECONDS", seconds)
         runs.clear()
