@@ -2,10 +2,18 @@
 finding (no traceback through this suite), the minimal failing case saved per backend × check and
 replayed first by the next run, in every profile, and dropped once it passes."""
 
+from types import SimpleNamespace
+
+import hypothesis
 import pytest
 from hypothesis import settings
+from hypothesis import strategies as st
 
 from conformance import fuzz, fuzz_driver
+from conformance.backends.naive import BACKEND
+from conformance.case import Case
+from conformance.isolation import CaseResult
+from conformance.outcomes import Outcome
 
 SUITE = ("--pyargs", "conformance.suite", "-p", "no:cacheprovider", "--tier=quick", "--check=fuzz", "-k", "forward",
          "--backend=kernel.py:attention")
@@ -31,8 +39,6 @@ CORRECT = KERNEL.replace("SCALE", "(softmax_scale or q.shape[-1] ** -0.5)")
 
 def stub_session(run, failure_text=lambda *a: None):
     """What fuzz_check asks of the session, on the CPU with the ci profile: ``run`` judges a case."""
-    from types import SimpleNamespace
-
     return SimpleNamespace(selection=SimpleNamespace(device="cpu"), fuzz_profile="ci",
                            given_up_on=lambda backend, case=None: False, failure_text=failure_text, run=run)
 
@@ -81,13 +87,6 @@ def test_failure_is_the_kernels_finding_saved_replayed_and_dropped_once_fixed(py
 
 
 def test_a_case_drawn_twice_is_judged_once(monkeypatch, tmp_path):
-    from hypothesis import strategies as st
-
-    from conformance.backends.naive import BACKEND
-    from conformance.case import Case
-    from conformance.isolation import CaseResult
-    from conformance.outcomes import Outcome
-
     two = [Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=1, head_dim=8, dtype="fp32", seed=s) for s in (1, 2)]
     monkeypatch.setattr(fuzz, "cases", lambda *a, **k: st.integers(0, 1000).map(lambda i: two[i % 2]))
     runs = []
@@ -100,14 +99,6 @@ def test_derandomized_draws_depend_on_the_check_not_on_the_drivers_source(monkey
     """Hypothesis seeds a derandomized test from its function's source: the driver's own, so any edit of
     it changed every CI run's draws. The ci profile's draws are those of the check's seed, as any
     function of the same strategy draws them."""
-    import hypothesis
-    from hypothesis import strategies as st
-
-    from conformance.backends.naive import BACKEND
-    from conformance.case import Case
-    from conformance.isolation import CaseResult
-    from conformance.outcomes import Outcome
-
     strategy = st.integers(0, 10**6).map(
         lambda i: Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=1, head_dim=8, dtype="fp32", seed=i))
     monkeypatch.setattr(fuzz, "cases", lambda *a, **k: strategy)
@@ -132,13 +123,6 @@ def test_shrinking_runs_new_cases_for_a_bounded_time(monkeypatch, tmp_path):
     """Each new case of a compiled kernel compiles: hypothesis' shrinking runs new cases only within
     SHRINK_SECONDS of the first failure, and the case reported is the smallest failing one found by then
     (one that was run and failed); a fast kernel shrinks to the end."""
-    from hypothesis import strategies as st
-
-    from conformance.backends.naive import BACKEND
-    from conformance.case import Case
-    from conformance.isolation import CaseResult
-    from conformance.outcomes import Outcome
-
     # every case fails; eight numbers to shrink make hypothesis try many smaller ones
     def case(numbers):
         return Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=1, head_dim=8, dtype="fp32", seed=sum(numbers))
