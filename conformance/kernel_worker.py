@@ -14,8 +14,9 @@ requests, one at a time, each tagged with the request id the reply repeats:
   memory peaks, timings); it returns numbers the judge decides on.
 
 Errors come back as a status: ``unsupported`` (the library's own refusal), ``oom`` (the allocator's
-own error types only), ``fault`` (a context-poisoning device error: this process then exits and is
-replaced), ``raised`` (any other exception of the kernel), ``contract`` (it returned no tensor).
+own error types only), ``fault`` (a context-poisoning device error, waited for before any reply: this
+process then exits and is replaced), ``raised`` (any other exception of the kernel), ``contract`` (it
+returned no tensor).
 """
 
 from __future__ import annotations
@@ -79,6 +80,22 @@ def serve(conn, log_path: str, clock_path: str) -> None:
             return
 
 
+def _settled(reply: tuple) -> tuple:
+    """``reply`` once the device has finished the kernel's work, so that a fault its launches left behind
+    (a misaligned address raised only at the next synchronisation) is this call's fault, here. Sent
+    unfinished, it would hang the judge: torch's CUDA IPC makes the receiver's stream wait on the
+    sender's event and synchronises that stream when the received tensor is freed
+    (StorageSharing.cpp), and an event behind a fault never completes, so the judge would spin in C,
+    out of reach of its time limits and of SIGTERM."""
+    import torch
+
+    from conformance.backend import invoke
+
+    if torch.cuda.is_initialized():
+        invoke(None, torch.cuda.synchronize)  # device-wide: work left on a side stream is waited for too
+    return reply
+
+
 def _RequestUnpickler(file, fds):  # noqa: N802 - used as a class: the judge's requests, trusted
     import pickle
 
@@ -118,16 +135,16 @@ class _Worker:
                     _release_memory()
                 return "ok", None
             if op == "call":
-                return self.call(*args)
+                return _settled(self.call(*args))
             if op == "backward":
-                return "ok", invoke(None, self.backward, *args)
+                return _settled(("ok", invoke(None, self.backward, *args)))
             if op == "procedure":
                 from conformance import kernel_side
 
                 name, spec, procedure_args = args
                 self.last_reply = invoke(self.backend(spec), kernel_side.PROCEDURES[name], self.backend(spec),
                                          *procedure_args)
-                return "ok", self.last_reply
+                return _settled(("ok", self.last_reply))
             return "harness", f"unknown request {op!r}"
         except Unsupported as exc:
             return "unsupported", str(exc)

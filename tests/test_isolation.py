@@ -205,3 +205,26 @@ def test_an_out_of_memory_in_the_judges_own_computation_says_so(monkeypatch):
     monkeypatch.setattr(expected, "make_inputs", namespace["alloc"])
     with pytest.raises(OutOfMemory, match="^in the judge's own computation, OutOfMemoryError: CUDA out of memory"):
         checks.execute("forward", naive.BACKEND, Case(seqlen_q=9, seqlen_k=9, seed=861204), "cpu")
+
+
+def test_a_fault_the_device_reports_only_at_the_next_synchronisation_is_the_calls_fault(monkeypatch):
+    """cuDNN's misaligned address surfaced only after the call had returned; its output, shared over CUDA
+    IPC unfinished, then hung the judge (kernel_worker._settled). The kernel's process now waits for the
+    device before it replies: the fault is this call's, and no tensor is sent."""
+    import torch
+
+    from conformance import kernel_worker
+    from conformance.inputs import make_inputs
+
+    inputs = make_inputs(Case(seed=1), "cpu")
+    call = ("naive", "fn", (inputs.q, inputs.k, inputs.v), {}, (True, True, True))
+    worker = kernel_worker._Worker()
+    status, (out, handle) = worker.handle("call", call)
+    assert status == "ok" and handle is not None  # on a device that reports nothing
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: (_ for _ in ()).throw(
+        RuntimeError("CUDA error: misaligned address" + BOILERPLATE)))
+    status, message = worker.handle("call", call)
+    assert status == "fault" and "misaligned address" in message
+    status, message = worker.handle("backward", (handle, torch.ones_like(out)))
+    assert status == "fault" and "misaligned address" in message
