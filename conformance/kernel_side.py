@@ -37,6 +37,21 @@ def speed_time(backend: Backend, against: str | None, sets: list[Inputs], case: 
     return time_case(backends, sets, case, device, mode, blocks, **timing)
 
 
+def _seed(seed: int, device) -> None:
+    """What torch.manual_seed does to the generators a kernel on ``device`` draws from (the CPU's, and
+    CUDA's for a CUDA tensor), without its cost where a device is not initialised: torch queues that
+    device's seeding with a formatted stack trace, about 3 ms a call (CUDA on a CPU machine; XPU and MTIA
+    everywhere), which was most of the dropout check's time on the CPU."""
+    import torch
+
+    if device.type not in ("cpu", "cuda"):
+        torch.manual_seed(seed)
+        return
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+
+
 def dropout_samples(backend: Backend, q, k, v, case: Case, dropout_p: float, seeds: list) -> "torch.Tensor":
     """The outputs of one call per seed with ``dropout_p``, torch's generators (CPU and CUDA, which
     dropout kernels draw from) seeded with it just before: (len(seeds), *q.shape). A seed of None
@@ -46,7 +61,7 @@ def dropout_samples(backend: Backend, q, k, v, case: Case, dropout_p: float, see
     outs = []
     for seed in seeds:
         if seed is not None:
-            torch.manual_seed(seed)
+            _seed(seed, q.device)
         outs.append(call(backend, q, k, v, case, dropout_p=dropout_p).detach().clone())
     return torch.stack(outs)
 
@@ -61,7 +76,7 @@ def dropout_with_mask(backend: Backend, q, k, v, dout, case: Case, dropout_p: fl
     import torch
 
     def seeded(values, backward):
-        torch.manual_seed(seed)
+        _seed(seed, q.device)
         leaves = tuple(t.detach().clone().requires_grad_(grad) for t in (q, k, values))
         with torch.enable_grad():
             out = call(backend, *leaves, case, dropout_p=dropout_p)
