@@ -290,9 +290,25 @@ class _ReplyUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+            return _rebuild_cuda_tensor_unsynced
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused {module}.{name}")
+
+
+def _rebuild_cuda_tensor_unsynced(*args):
+    """torch's rebuild_cuda_tensor with its last argument, event_sync_required, False: the judge's stream
+    never waits on an event of the kernel's process. Such a wait is what hung the judge when a kernel's
+    fault surfaced after its reply (an event behind a fault never completes, and torch synchronises the
+    stream when the received tensor is freed). The kernel's process finishes the device's work before
+    it replies (kernel_worker._settled); one that skips that, patched by the kernel, gets its output
+    read as it stands, never a judge that hangs."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    if len(args) != 15:
+        raise pickle.UnpicklingError(f"rebuild_cuda_tensor with {len(args)} arguments, not 15")
+    return rebuild_cuda_tensor(*args[:-1], False)
 
 
 # -- the wire -------------------------------------------------------------------------------------

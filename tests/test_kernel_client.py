@@ -338,3 +338,32 @@ def test_the_wire_hands_shared_memory_over_with_the_message_and_refuses_malforme
             x.close()
         for fd in fds:
             os.close(fd)
+
+
+def test_the_judge_never_waits_on_an_event_of_the_kernels_process(monkeypatch):
+    """A CUDA tensor from the kernel's process is rebuilt with event_sync_required False: a stream made to
+    wait on the sender's event hung the judge when that event sat behind a fault (README, "GPU
+    backends"). The pickle is the one torch writes for a CUDA tensor (reduce_tensor), replayed here
+    without a GPU."""
+    import io
+    import pickle
+
+    import torch
+    import torch.multiprocessing.reductions as reductions
+
+    from conformance import kernel_client as kc
+
+    args = (torch.Tensor, (2, 3), (3, 1), 0, torch.UntypedStorage, torch.float16, 0, b"handle", 12, 0, False,
+            b"counter", 0, b"event", True)
+
+    class Reply:
+        def __reduce__(self):
+            return reductions.rebuild_cuda_tensor, args
+
+    data = pickle.dumps(Reply())
+    seen = []
+    monkeypatch.setattr(reductions, "rebuild_cuda_tensor", lambda *a: seen.append(a) or "rebuilt")
+    assert kc._ReplyUnpickler(io.BytesIO(data)).load() == "rebuilt"
+    assert seen == [args[:-1] + (False,)]
+    with pytest.raises(pickle.UnpicklingError, match="14 arguments"):
+        kc._rebuild_cuda_tensor_unsynced(*args[:-1])
