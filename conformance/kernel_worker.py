@@ -70,7 +70,7 @@ def serve(conn, log_path: str, clock_path: str) -> None:
         if op == "exit":  # a clean end: what this process received over CUDA IPC is released as it exits
             send(conn, sock, (request_id, "ok", None))
             return
-        status, payload = worker.handle(op, args)
+        status, payload = _settled(worker.handle(op, args), args)
         try:
             send(conn, sock, (request_id, status, payload))
         except Exception as exc:  # noqa: BLE001 - a reply that cannot be sent (unpicklable output) is the kernel's
@@ -80,20 +80,43 @@ def serve(conn, log_path: str, clock_path: str) -> None:
             return
 
 
-def _settled(reply: tuple) -> tuple:
-    """``reply`` once the device has finished the kernel's work, so that a fault its launches left behind
-    (a misaligned address raised only at the next synchronisation) is this call's fault, here. Sent
-    unfinished, it would hang the judge: torch's CUDA IPC makes the receiver's stream wait on the
-    sender's event and synchronises that stream when the received tensor is freed
-    (StorageSharing.cpp), and an event behind a fault never completes, so the judge would spin in C,
-    out of reach of its time limits and of SIGTERM."""
+def _settled(reply: tuple, args) -> tuple:
+    """``reply`` once the device has finished what the kernel started, whatever the request and its
+    status: a fault its launches left behind (a misaligned address raised only at the next
+    synchronisation) is then this request's ``fault``, here, never the next one's. Sent unfinished, a
+    tensor hung the judge: torch's CUDA IPC made the receiver's stream wait on the sender's event and
+    synchronises that stream when the received tensor is freed (StorageSharing.cpp), and an event
+    behind a fault never completes (the judge no longer waits on it: kernel_client). Every device the
+    request's and the reply's tensors are on is waited for, and the current one (a kernel may have
+    switched devices)."""
     import torch
 
-    from conformance.backend import invoke
+    from conformance.backend import DeviceFault, invoke
 
-    if torch.cuda.is_initialized():
-        invoke(None, torch.cuda.synchronize)  # device-wide: work left on a side stream is waited for too
+    if reply[0] == "fault" or not torch.cuda.is_initialized():
+        return reply
+    devices = {torch.cuda.current_device()} | {t.device.index for t in _tensors((args, reply)) if t.is_cuda}
+    try:
+        for device in sorted(devices):
+            invoke(None, torch.cuda.synchronize, device)  # device-wide: a side stream's work too
+    except DeviceFault as exc:
+        return "fault", str(exc)
+    except Exception as exc:  # noqa: BLE001 - sorted by invoke: the kernel's work raised
+        return "raised", str(exc)
     return reply
+
+
+def _tensors(value) -> list:
+    """The tensors in nested tuples, lists and dicts (a request's arguments, a reply's payload)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def _RequestUnpickler(file, fds):  # noqa: N802 - used as a class: the judge's requests, trusted
@@ -135,16 +158,16 @@ class _Worker:
                     _release_memory()
                 return "ok", None
             if op == "call":
-                return _settled(self.call(*args))
+                return self.call(*args)
             if op == "backward":
-                return _settled(("ok", invoke(None, self.backward, *args)))
+                return "ok", invoke(None, self.backward, *args)
             if op == "procedure":
                 from conformance import kernel_side
 
                 name, spec, procedure_args = args
                 self.last_reply = invoke(self.backend(spec), kernel_side.PROCEDURES[name], self.backend(spec),
                                          *procedure_args)
-                return _settled(("ok", self.last_reply))
+                return "ok", self.last_reply
             return "harness", f"unknown request {op!r}"
         except Unsupported as exc:
             return "unsupported", str(exc)

@@ -209,8 +209,8 @@ def test_an_out_of_memory_in_the_judges_own_computation_says_so(monkeypatch):
 
 def test_a_fault_the_device_reports_only_at_the_next_synchronisation_is_the_calls_fault(monkeypatch):
     """cuDNN's misaligned address surfaced only after the call had returned; its output, shared over CUDA
-    IPC unfinished, then hung the judge (kernel_worker._settled). The kernel's process now waits for the
-    device before it replies: the fault is this call's, and no tensor is sent."""
+    IPC unfinished, then hung the judge. The kernel's process now waits for the device before any reply
+    (kernel_worker._settled): the fault is this request's, whatever its status, and no tensor is sent."""
     import torch
 
     from conformance import kernel_worker
@@ -219,12 +219,20 @@ def test_a_fault_the_device_reports_only_at_the_next_synchronisation_is_the_call
     inputs = make_inputs(Case(seed=1), "cpu")
     call = ("naive", "fn", (inputs.q, inputs.k, inputs.v), {}, (True, True, True))
     worker = kernel_worker._Worker()
-    status, (out, handle) = worker.handle("call", call)
+    reply = lambda op, args: kernel_worker._settled(worker.handle(op, args), args)  # noqa: E731 - as serve() does
+    status, (out, handle) = reply("call", call)
     assert status == "ok" and handle is not None  # on a device that reports nothing
+    synced = []
+
+    def synchronize(device=None):
+        synced.append(device)
+        raise RuntimeError("CUDA error: misaligned address" + BOILERPLATE)
+
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: (_ for _ in ()).throw(
-        RuntimeError("CUDA error: misaligned address" + BOILERPLATE)))
-    status, message = worker.handle("call", call)
-    assert status == "fault" and "misaligned address" in message
-    status, message = worker.handle("backward", (handle, torch.ones_like(out)))
-    assert status == "fault" and "misaligned address" in message
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    for op, args in (("call", call), ("backward", (handle, torch.ones_like(out))),
+                     ("call", ("naive", "fn", (inputs.q,), {}, None))):  # the last raises (a TypeError) first
+        status, message = reply(op, args)
+        assert status == "fault" and "misaligned address" in message, (op, status, message)
+    assert synced == [0, 0, 0]  # the current device; on a GPU also each device the tensors are on
