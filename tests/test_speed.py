@@ -108,7 +108,8 @@ def test_speed_against_takes_an_import_string_and_needs_no_baseline(tmp_path):
     assert speed_check.skip_reason(naive.BACKEND, SMALL, "cpu", options) is None
     assert "unknown backend" in speed_check.skip_reason(naive.BACKEND, SMALL, "cpu", _options(tmp_path, speed_against="nope"))
     verdict = execute("speed", naive.BACKEND, SMALL, "cpu", options.replace(speed_timing={"max_reps": 12}))
-    assert verdict.passed, verdict.message()
+    # an A/A pair: its timed outputs are right; whether another tenant made one side slower is not this test's
+    assert verdict.failed_properties <= {"slower"}, verdict.message()
     assert verdict.measurements["speed_against"] == "conformance.backends.naive:attention"
 
 
