@@ -90,12 +90,14 @@ def _settled(reply: tuple, args) -> tuple:
     request's and the reply's tensors are on is waited for, and the current one (a kernel may have
     switched devices)."""
     import torch
+    from torch.utils._pytree import tree_leaves
 
     from conformance.backend import DeviceFault, invoke
 
     if reply[0] == "fault" or not torch.cuda.is_initialized():
         return reply
-    devices = {torch.cuda.current_device()} | {t.device.index for t in _tensors((args, reply)) if t.is_cuda}
+    devices = {torch.cuda.current_device()} | {t.device.index for t in tree_leaves((args, reply))
+                                                if isinstance(t, torch.Tensor) and t.is_cuda}
     try:
         for device in sorted(devices):
             invoke(None, torch.cuda.synchronize, device)  # device-wide: a side stream's work too
@@ -104,19 +106,6 @@ def _settled(reply: tuple, args) -> tuple:
     except Exception as exc:  # noqa: BLE001 - sorted by invoke: the kernel's work raised
         return "raised", str(exc)
     return reply
-
-
-def _tensors(value) -> list:
-    """The tensors in nested tuples, lists and dicts (a request's arguments, a reply's payload)."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 def _RequestUnpickler(file, fds):  # noqa: N802 - used as a class: the judge's requests, trusted
