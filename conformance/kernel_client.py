@@ -271,13 +271,14 @@ class _Differentiable(torch.autograd.Function):
 class _ReplyUnpickler(pickle.Unpickler):
     """Unpickles what the kernel's process sends, allowing only what tensors and plain data need (the
     rebuild functions of torch.multiprocessing, torch's tensor, storage, size, device and dtypes, the
-    file-descriptor hand-over): a reply built to run code in the judge when loaded is refused."""
+    file-descriptor hand-over, and CUDA tensors through ``_rebuild_cuda_tensor_unsynced``): a reply built
+    to run code in the judge when loaded is refused."""
 
     ALLOWED = {("torch", "Tensor"), ("torch", "Size"), ("torch", "device"), ("torch.storage", "UntypedStorage"),
                ("torch.storage", "TypedStorage"),
                ("multiprocessing.resource_sharer", "DupFd"), ("conformance.inputs", "Inputs"),
                *(("torch.multiprocessing.reductions", name) for name in (
-                   "rebuild_tensor", "rebuild_cuda_tensor", "rebuild_storage_fd", "rebuild_storage_empty",
+                   "rebuild_tensor", "rebuild_storage_fd", "rebuild_storage_empty",
                    "rebuild_typed_storage", "rebuild_typed_storage_child"))}
 
     def __init__(self, file, fds: list[int] = ()):
