@@ -38,13 +38,19 @@ def not_fuzzable_reasons(caps: Capabilities, needs: tuple[str, ...], feature: st
 
 
 def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature: str | None = None,
-          max_seqlen: int = 160) -> st.SearchStrategy:
+          max_seqlen: int = 160, compiled: bool = False) -> st.SearchStrategy:
     """Cases ``caps`` supports on ``device``, each with ``feature`` (a check's feature: "causal" or a
-    name in features.FEATURES) if given, small enough to run by the hundred."""
+    name in features.FEATURES) if given, small enough to run by the hundred. ``compiled``: the backend
+    compiles a kernel per head dim and scale value (Backend.compiled), so those two are drawn from the
+    grid's pairwise values (grid.head_dim_palette, grid.SCALES), which the grid has compiled already;
+    everything else is drawn as for any backend."""
+    palette = grid.head_dim_palette(caps) if compiled else ()
 
     @st.composite
     def build(draw):
-        if caps.head_dims is not None:
+        if palette:
+            head_dim = draw(st.sampled_from(palette))
+        elif caps.head_dims is not None:
             head_dim = draw(st.sampled_from(sorted(caps.head_dims)))
         else:
             head_dim = draw(st.integers(caps.head_dim_min, min(caps.head_dim_max, 160)))
@@ -75,7 +81,8 @@ def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature:
             # a KV cache is read causally two draws in three (a serving engine's prefill is causal)
             causal=draw(st.sampled_from(alignments if feature == "causal" else
                                         (None, *alignments, *alignments) if feature == "kvcache" else (None, *alignments))),
-            softmax_scale=draw(st.none() | st.sampled_from((0.05, 0.1, 0.3, 0.5, 1.0, 2.0)))
+            softmax_scale=draw(st.sampled_from(grid.SCALES) if compiled else
+                               st.none() | st.sampled_from((0.05, 0.1, 0.3, 0.5, 1.0, 2.0)))
             if caps.softmax_scale else None,
             layout=draw(st.sampled_from(layouts)), magnitude=draw(st.sampled_from((1.0, 4.0, 16.0))),
             seed=draw(st.integers(0, 99_999)), **fields,

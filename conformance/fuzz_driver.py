@@ -127,7 +127,8 @@ def fuzz_check(session, backend, check: str, learnt: dict, replay_folder: Path |
     reasons = fuzz.not_fuzzable_reasons(backend.capabilities, declared.needs, declared.feature)
     if reasons:
         raise NotFuzzable("; ".join(reasons))
-    strategy = fuzz.cases(backend.capabilities, session.selection.device, declared.needs, declared.feature)
+    strategy = fuzz.cases(backend.capabilities, session.selection.device, declared.needs, declared.feature,
+                          compiled=backend.compiled)
     name = profile_name(session.fuzz_profile)
     file = replay_file(backend.name, check, replay_folder)
     saved = saved_cases(file)

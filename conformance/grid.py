@@ -243,17 +243,24 @@ def factors(caps: Capabilities, device: str, level: int, feature: str | None = N
     lengths = ["short", "past"] + (["long"] if level >= 1 else [])
     gqa = [1] + ([2] if caps.gqa else []) + (["mqa"] if caps.mqa else [])
     layouts = ["contiguous"] + (["bhsd", "packed"] if caps.noncontiguous and feature is None else [])
-    head_dims = list(dict.fromkeys(d for d in (_head_dim(64, caps, False), _head_dim(128, caps, False),
-                                               _head_dim(40, caps, False)) if d is not None))
     out = {
         "dtype": tuple(dtypes), "causal": causal, "relation": tuple(relations), "length": tuple(lengths),
-        "gqa": tuple(gqa), "scale": (None, 0.3) if caps.softmax_scale else (None,),
+        "gqa": tuple(gqa), "scale": SCALES if caps.softmax_scale else (None,),
         "layout": tuple(layouts), "magnitude": (1.0, 16.0) if feature is None else (1.0, 4.0),
-        "batch": (1, 2, 3), "head_dim": tuple(head_dims),
+        "batch": (1, 2, 3), "head_dim": head_dim_palette(caps),
     }
     if level == 0:  # the quick tier: the interactions bugs were found in; the rest pairwise from standard on
         out.update(length=("past",), scale=(None,), magnitude=(1.0,), batch=(2,), head_dim=out["head_dim"][:1])
     return out
+
+
+SCALES = (None, 0.3)  # the pairwise softmax scales: the default and one other
+
+
+def head_dim_palette(caps: Capabilities) -> tuple[int, ...]:
+    """The pairwise head dims: 64, 128 and 40 (not a power of two), each as the backend realises it."""
+    return tuple(dict.fromkeys(d for d in (_head_dim(64, caps, False), _head_dim(128, caps, False),
+                                           _head_dim(40, caps, False)) if d is not None))
 
 
 def _allowed(row: dict) -> bool:

@@ -204,14 +204,14 @@ class KernelProcess:
         a TypeError or ValueError says what is wrong), and functions that run there."""
         decl = described["declaration"]
         if not (isinstance(decl["capabilities"], dict) and isinstance(decl["description"], str)
-                and all(isinstance(decl[k], bool) for k in ("varlen", "kvcache"))):
+                and all(isinstance(decl[k], bool) for k in ("varlen", "kvcache", "compiled"))):
             raise TypeError("declaration fields of the wrong type")
         capabilities = Capabilities().updated(decl["capabilities"])
         return Backend(name=spec, fn=_RemoteFn(self, spec, "fn"), capabilities=capabilities,
                        description=decl["description"], unavailable_reasons=lambda: list(described["unavailable"]),
                        varlen_fn=_RemoteFn(self, spec, "varlen_fn") if decl["varlen"] else None,
                        kvcache_fn=_RemoteFn(self, spec, "kvcache_fn") if decl["kvcache"] else None,
-                       kernel_side=lambda name, *args: self.procedure(spec, name, args))
+                       compiled=decl["compiled"], kernel_side=lambda name, *args: self.procedure(spec, name, args))
 
     def procedure(self, spec: str, name: str, args):
         """``kernel_side.PROCEDURES[name]`` for backend ``spec`` there; one in ``kernel_side.FRESH`` in a

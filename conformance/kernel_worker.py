@@ -231,7 +231,8 @@ def declaration(backend) -> dict:
     caps = {k: (sorted(v) if isinstance(v, frozenset) else v)
             for k, v in dataclasses.asdict(backend.capabilities).items()}
     return {"name": backend.name, "description": backend.description, "capabilities": caps,
-            "varlen": backend.varlen_fn is not None, "kvcache": backend.kvcache_fn is not None}
+            "varlen": backend.varlen_fn is not None, "kvcache": backend.kvcache_fn is not None,
+            "compiled": backend.compiled}
 
 
 def _release_memory() -> None:

@@ -67,3 +67,23 @@ def test_fuzzed_cases_stay_inside_the_declaration():
         assert case.seqlen_q == case.seqlen_k and case.nheads == case.nheads_k
 
     inside()
+
+
+def test_a_compiled_backend_is_fuzzed_on_the_grids_head_dims_and_scales_only():
+    """Each head dim and scale of a compiled kernel is a compilation: its fuzz test reuses the grid's."""
+    from conformance import grid
+
+    caps = tiled.BACKEND.capabilities.updated({"head_dim_min": 16, "head_dim_max": 160})
+    palette = grid.head_dim_palette(caps)
+    assert palette == (64, 128, 40)
+    drawn = {"compiled": set(), "plain": set()}
+    for kind in drawn:
+        @settings(max_examples=60, derandomize=True, database=None)
+        @given(case=fuzz.cases(caps, "cpu", (), "causal", compiled=kind == "compiled"))
+        def record(case):
+            drawn[kind].add((case.head_dim, case.softmax_scale))
+
+        record()
+    assert {d for d, _ in drawn["compiled"]} <= set(palette) and {s for _, s in drawn["compiled"]} <= set(grid.SCALES)
+    assert {d for d, _ in drawn["compiled"]} == set(palette)  # every palette value is reached
+    assert len({d for d, _ in drawn["plain"]} - set(palette)) > 10  # a plain backend's are not so limited

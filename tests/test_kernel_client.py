@@ -367,3 +367,16 @@ def test_the_judge_never_waits_on_an_event_of_the_kernels_process(monkeypatch):
     assert seen == [args[:-1] + (False,)]
     with pytest.raises(pickle.UnpicklingError, match="14 arguments"):
         kc._rebuild_cuda_tensor_unsynced(*args[:-1])
+
+
+def test_the_judge_learns_that_a_backend_compiles_per_variant():
+    """The fuzz test draws a compiled backend's head dims and scales from the grid's (fuzz.py): the judge
+    must learn ``compiled`` from the kernel's process, where the backend is loaded (flex is declared
+    there on a machine without CUDA too, unavailable)."""
+    kernel = KernelProcess(call_timeout=60)
+    try:
+        specs = ["flex", "naive"]
+        described = kernel.describe(specs)
+        assert [kernel.backend(s, described[s]).compiled for s in specs] == [True, False]
+    finally:
+        kernel.close()

@@ -223,4 +223,5 @@ BACKEND = Backend(
     description="torch.nn.attention.flex_attention, compiled; masks as block masks",
     unavailable_reasons=lambda: cuda_reasons(None, "compiled flex attention") or import_reasons("triton"),
     kvcache_fn=kvcache_attention,
+    compiled=True,
 )
