@@ -25,16 +25,31 @@ def memory_peak(backend: Backend, case: Case, device: str, backward: bool) -> in
     return memory_meter.peak_extra_bytes(work, device)
 
 
+_timing = False
+
+
+def timing() -> bool:
+    """Whether the calls made now are the speed check's (``speed_time``). A compiled backend of ours
+    compiles those for the timed shapes, as a model of fixed shapes runs, and its other calls once per
+    variant for every shape (backends/flex.py)."""
+    return _timing
+
+
 def speed_time(backend: Backend, against: str | None, sets: list[Inputs], case: Case, device: str, mode: str,
                blocks: list[slice], timing: dict) -> dict:
     """The speed check's timing (checks/speed.py ``time_case``) of ``backend``, and of the backend named
     ``against`` interleaved with it, on the judge's input sets; returns the samples and the kept rows."""
+    global _timing
     from conformance.checks.speed import time_case
 
     backends = {"candidate": backend, **({"against": registry.load(against)} if against else {})}
     backward = mode == "fwdbwd"
     sets = [Inputs(*(t.requires_grad_(backward) for t in (s.q, s.k, s.v)), s.dout) for s in sets]
-    return time_case(backends, sets, case, device, mode, blocks, **timing)
+    _timing = True
+    try:
+        return time_case(backends, sets, case, device, mode, blocks, **timing)
+    finally:
+        _timing = False
 
 
 def _seed(seed: int, device) -> None:

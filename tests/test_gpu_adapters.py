@@ -2,13 +2,14 @@
 availability reasons on a machine without a GPU."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend
 from torch.nn.attention.flex_attention import flex_attention
 
-from conformance import reference
+from conformance import kernel_side, reference
 from conformance.backend import Unsupported, call
 from conformance.backends import flash, flex, xformers
 from conformance.backends.sdpa import pinned
@@ -66,9 +67,9 @@ def test_compiled_flex_never_falls_back_to_eager_flex_attention(monkeypatch):
     default = dict(recompile_limit=8, accumulated_recompile_limit=256, fail_on_recompile_limit_hit=False)
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # what the adapter compiles, not compiled here
-    for compiled in (flex._flex, flex._compiled_create_block_mask):
+    for compiled, args in ((flex._flex, (False,)), (flex._flex, (True,)), (flex._compiled_create_block_mask, ())):
         with config.patch(**default):
-            compiled.__wrapped__()
+            compiled.__wrapped__(*args)
             assert config.recompile_limit >= flex.RECOMPILE_LIMIT <= config.accumulated_recompile_limit
             assert config.fail_on_recompile_limit_hit
     with config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):  # what reaching it then does
@@ -76,6 +77,38 @@ def test_compiled_flex_never_falls_back_to_eager_flex_attention(monkeypatch):
         double(torch.ones(2))
         with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
             double(torch.ones(2, dtype=torch.float64))  # a new dtype: a second variant
+
+
+def test_compiled_flex_is_compiled_for_every_shape_except_where_it_is_timed(monkeypatch):
+    """One compilation per variant, the same in every process (inductor's cache on disk then serves the
+    other workers and the next run), and the speed check times the kernel compiled for its shape."""
+    compiled = []
+
+    def compile_(fn, **kwargs):
+        if fn is flex_attention:  # not what torch compiles for itself (inside create_block_mask)
+            compiled.append(kwargs)
+        return fn  # eagerly: what it was compiled with is the point here
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(flex, "_flex", functools.cache(flex._flex.__wrapped__))  # a cache of this test's own
+    case = Case(batch=1, seqlen_q=16, seqlen_k=16, nheads=2, head_dim=16, causal="bottom_right")
+    inputs = make_inputs(case, "cpu")
+    untimed = call(flex.BACKEND, inputs.q, inputs.k, inputs.v, case)
+    assert compiled == [{"dynamic": True}]
+    monkeypatch.setattr(kernel_side, "_timing", True)  # as during kernel_side.speed_time
+    timed = call(flex.BACKEND, inputs.q, inputs.k, inputs.v, case)
+    call(flex.BACKEND, inputs.q, inputs.k, inputs.v, case)
+    assert compiled == [{"dynamic": True}, {"dynamic": False}] and torch.equal(untimed, timed)
+
+
+def test_the_speed_checks_calls_are_known_as_timed_in_the_kernels_process(monkeypatch):
+    from conformance.checks import speed
+
+    seen = []
+    monkeypatch.setattr(speed, "time_case", lambda *args, **kwargs: seen.append(kernel_side.timing()) or {})
+    assert not kernel_side.timing()
+    kernel_side.speed_time(flex.BACKEND, None, [], Case(), "cpu", "fwd", [], {})
+    assert seen == [True] and not kernel_side.timing()
 
 
 def test_pinned_sdpa_refuses_with_torchs_reason_instead_of_falling_back():

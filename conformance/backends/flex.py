@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from conformance import kernel_side
 from conformance.backend import Backend
 from conformance.backends.requirements import cuda_reasons, import_reasons
 from conformance.capabilities import Capabilities
@@ -45,14 +46,20 @@ def _no_eager_fallback():
 
 
 @functools.cache
-def _flex():
+def _flex(static: bool):
+    """flex_attention compiled for the shapes it is called with (``static``: the speed check's calls), or
+    for every shape. Compiled for every shape from the first call (``dynamic=True``), each variant compiles
+    once, and its compilation is the same in every process, so inductor's cache on disk serves the other
+    pytest-xdist workers and the next run. Left to torch, a variant compiles static at its first shape and
+    again dynamic at its second, and which dimensions are dynamic depends on the shapes that process (and,
+    through torch's profile of them on disk, earlier processes) saw: cache misses. Timed, flex is compiled
+    for the timed shape, as users of fixed shapes run it: compiled for every shape the kernel is slower
+    (causal forward at 4096 tokens 0.42 -> 0.58 ms on an H200). The speed check compares that kernel's
+    outputs too."""
     from torch.nn.attention.flex_attention import flex_attention
 
     _no_eager_fallback()
-    # As flex_attention's users compile it: static shapes first, dynamic ones once a seqlen changes. With
-    # dynamic=True from the start the kernel is slower (causal forward at 4096 tokens 0.42 -> 0.58 ms on an
-    # H200), so the speed check would time a kernel nobody with fixed shapes runs.
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=not static)
 
 
 COMPILED_MASK_FROM = 2**24  # seqlen_q * seqlen_k from which a mask is built compiled (eagerly: ~160 MB)
@@ -147,9 +154,9 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_s
             score = score + added[b, h, qi, ki]
         return score
 
-    out = (flex or _flex())(q, k, v, score_mod=score_mod if capped or biased or has_bias else None,
-                            block_mask=block_mask,
-                            scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+    compiled = flex or _flex(kernel_side.timing())
+    out = compiled(q, k, v, score_mod=score_mod if capped or biased or has_bias else None, block_mask=block_mask,
+                   scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2)
 
 
@@ -205,8 +212,9 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, b
         return ok
 
     block_mask = create_block_mask(mask_mod, batch, None, sq, slots, device=device)
-    out = (flex or _flex())(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), block_mask=block_mask,
-                            scale=softmax_scale, enable_gqa=q.shape[2] != k_cache.shape[2])
+    compiled = flex or _flex(kernel_side.timing())
+    out = compiled(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), block_mask=block_mask,
+                   scale=softmax_scale, enable_gqa=q.shape[2] != k_cache.shape[2])
     return out.transpose(1, 2)
 
 
