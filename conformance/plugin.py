@@ -195,6 +195,7 @@ class Conformance:
         from conformance import threads
 
         threads.huge_pages()  # before the first tensor here and the kernel's process (threads.py)
+        threads.compile_threads(int(workerinput.get("workercount", 1)) if workerinput is not None else 1)
         from conformance.fuzz_driver import register_profiles
         from conformance.results import ResultsFileError
         from conformance.selection import SelectionError

@@ -8,6 +8,8 @@ default to at most ``MAX_THREADS`` threads, and never more than the cores this p
 
 The user's choice wins: with ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` set in the environment (which
 the kernel's process inherits), torch's own setting is left as it is.
+
+torch.compile's compiler is shared out the same way (``compile_threads``).
 """
 
 from __future__ import annotations
@@ -76,3 +78,20 @@ def huge_pages(environ=None) -> bool:
     environ = os.environ if environ is None else environ
     environ.setdefault(HUGE_PAGES, "1")
     return environ[HUGE_PAGES].strip() not in ("", "0")
+
+
+COMPILE_THREADS = "TORCHINDUCTOR_COMPILE_THREADS"
+
+
+def compile_threads(workers: int, environ=None) -> int | None:
+    """The processes torch.compile's compiler (inductor) starts to compile a kernel's code, in this
+    process and the kernel's process it starts (which inherits the environment): by default one per core
+    (at most 32) in each process, so pytest-xdist's ``workers`` would each start a core's worth and the
+    compilers would fight for the cores (on the 16-core H100 host, 16 workers: compiled flex's quick tier
+    took 153 s cold against 124 s with one each). The cores this process may run on are shared out among
+    the workers; with one worker torch's default stands. The user's setting wins. Returns the number
+    set, or None where it is torch's to choose."""
+    environ = os.environ if environ is None else environ
+    if workers > 1 and not environ.get(COMPILE_THREADS, "").strip():
+        environ[COMPILE_THREADS] = str(max(1, cores_available() // workers))
+    return int(environ[COMPILE_THREADS]) if environ.get(COMPILE_THREADS, "").strip() else None

@@ -66,3 +66,24 @@ def test_huge_pages_for_large_tensors_unless_the_user_chose():
     assert threads.huge_pages(env) and env == {threads.HUGE_PAGES: "1"}
     env = {threads.HUGE_PAGES: "0"}
     assert not threads.huge_pages(env) and env == {threads.HUGE_PAGES: "0"}
+
+
+def test_pytest_xdist_workers_share_the_cores_among_their_compilers(monkeypatch):
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(16)))
+    env = {}
+    assert threads.compile_threads(1, env) is None and env == {}  # one worker: torch's default (a core each)
+    assert threads.compile_threads(16, env) == 1 and env[threads.COMPILE_THREADS] == "1"
+    assert threads.compile_threads(4, {}) == 4 and threads.compile_threads(32, {}) == 1
+    assert threads.compile_threads(16, {threads.COMPILE_THREADS: "8"}) == 8  # the user's choice wins
+
+
+def test_a_pytest_xdist_worker_sets_its_compilers_share_for_the_kernels_process(pytester, monkeypatch):
+    seen = pytester.path / "seen.txt"
+    pytester.makepyfile(test_judge="import os\n"
+                                   "def test_compile_threads():\n"
+                                   f"    value = os.environ.get('{threads.COMPILE_THREADS}', 'unset')\n"
+                                   f"    open({str(seen)!r}, 'w').write(value)\n")
+    monkeypatch.delenv(threads.COMPILE_THREADS, raising=False)
+    pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", "--backend=naive",
+                                  "test_judge.py").assert_outcomes(passed=1)  # one worker: the unit test above
+    assert seen.read_text() == str(max(1, threads.cores_available() // 2))
