@@ -232,7 +232,7 @@ def declaration(backend) -> dict:
             for k, v in dataclasses.asdict(backend.capabilities).items()}
     return {"name": backend.name, "description": backend.description, "capabilities": caps,
             "varlen": backend.varlen_fn is not None, "kvcache": backend.kvcache_fn is not None,
-            "compiled": backend.compiled}
+            "compiled": bool(backend.compiled)}
 
 
 def _release_memory() -> None:

@@ -94,4 +94,7 @@ def compile_threads(workers: int, environ=None) -> int | None:
     environ = os.environ if environ is None else environ
     if workers > 1 and not environ.get(COMPILE_THREADS, "").strip():
         environ[COMPILE_THREADS] = str(max(1, cores_available() // workers))
-    return int(environ[COMPILE_THREADS]) if environ.get(COMPILE_THREADS, "").strip() else None
+    try:
+        return int(environ[COMPILE_THREADS]) if environ.get(COMPILE_THREADS, "").strip() else None
+    except ValueError:  # the user's own setting, not a number: torch's to refuse when it compiles
+        return None
