@@ -6,6 +6,8 @@ process), but not the verdict on its outputs, which the judge checks itself.
 
 from __future__ import annotations
 
+import contextlib
+
 from conformance import memory_meter, registry
 from conformance.backend import Backend, call
 from conformance.case import Case
@@ -29,27 +31,33 @@ _timing = False
 
 
 def timing() -> bool:
-    """Whether the calls made now are the speed check's (``speed_time``). A compiled backend of ours
-    compiles those for the timed shapes, as a model of fixed shapes runs, and its other calls once per
-    variant for every shape (backends/flex.py)."""
+    """Whether the calls made now are the speed check's (``timed``, around checks/speed.py ``time_case``).
+    A compiled backend of ours compiles those for the timed shapes, as a model of fixed shapes runs, and
+    its other calls once per variant for every shape (backends/flex.py)."""
     return _timing
+
+
+@contextlib.contextmanager
+def timed():
+    """The calls made inside are timed (``timing``)."""
+    global _timing
+    _timing = True
+    try:
+        yield
+    finally:
+        _timing = False
 
 
 def speed_time(backend: Backend, against: str | None, sets: list[Inputs], case: Case, device: str, mode: str,
                blocks: list[slice], timing: dict) -> dict:
     """The speed check's timing (checks/speed.py ``time_case``) of ``backend``, and of the backend named
     ``against`` interleaved with it, on the judge's input sets; returns the samples and the kept rows."""
-    global _timing
     from conformance.checks.speed import time_case
 
     backends = {"candidate": backend, **({"against": registry.load(against)} if against else {})}
     backward = mode == "fwdbwd"
     sets = [Inputs(*(t.requires_grad_(backward) for t in (s.q, s.k, s.v)), s.dout) for s in sets]
-    _timing = True
-    try:
-        return time_case(backends, sets, case, device, mode, blocks, **timing)
-    finally:
-        _timing = False
+    return time_case(backends, sets, case, device, mode, blocks, **timing)
 
 
 def _seed(seed: int, device) -> None:
