@@ -5,8 +5,8 @@ and feature set land on most workers, and a compiled kernel compiles that varian
 3 s or more per variant and worker), and the float64 reference of a case run by several backends is
 computed in several workers. Here a case family (``family``: what a compiled kernel specialises on, not
 its sizes or seed) is one unit of work, given to one worker whole; the fuzz tests, each one long test of
-many drawn cases, are handed out first, then the families, largest first. Used under ``--dist=load``,
-xdist's default with ``-n``; any other ``--dist`` is xdist's own.
+many drawn cases, are handed out first, then the families, the longest expected first (``cost``). Used under
+``--dist=load``, xdist's default with ``-n``; any other ``--dist`` is xdist's own.
 """
 
 from __future__ import annotations
@@ -32,19 +32,38 @@ def family(case: Case) -> str:
 
 
 @functools.lru_cache(maxsize=None)  # asked again as each test completes
-def scope(nodeid: str) -> str:
-    """The unit of work a test belongs to: its case's family for a test of a check, else the test alone."""
+def _case(nodeid: str) -> Case | None:
     found = _CASE_IN_ID.search(nodeid)
     if found is None:
-        return nodeid
+        return None
     try:
-        return "family:" + family(Case.from_id(found.group(1)))
-    except Exception:  # noqa: BLE001 - an id that only looks like a case's (a user's test): a unit of its own
-        return nodeid
+        return Case.from_id(found.group(1))
+    except Exception:  # noqa: BLE001 - an id that only looks like a case's (a user's test): no case
+        return None
+
+
+def scope(nodeid: str) -> str:
+    """The unit of work a test belongs to: its case's family for a test of a check, else the test alone."""
+    case = _case(nodeid)
+    return nodeid if case is None else "family:" + family(case)
+
+
+FEATURE_COST = 8  # tests' worth of time one case feature is taken to add to its family's compilation
+
+
+def cost(nodeids) -> int:
+    """A unit's expected time, in tests: its tests, plus FEATURE_COST for each feature of its family, since a
+    compiled kernel's variant compiles longer the more features it combines. Handed out by size alone, a
+    feature-rich family of one case went last: on an H100 (torch 2.11) flex's attn_bias case with a window,
+    softcap, ALiBi and a float bias with its gradient (64 s to compile alone) was still compiling 2 minutes
+    after every other worker had finished. With 8, a family of one case with three features goes before
+    the largest plain family of flex's standard tier (23 cases): a rough weight, not a measured one."""
+    case = _case(next(iter(nodeids)))
+    return len(nodeids) + (0 if case is None else FEATURE_COST * len(features.present(case)))
 
 
 def scheduler(config, log):
-    """An xdist scheduler that hands out ``scope`` units, fuzz tests first, then the largest units."""
+    """An xdist scheduler that hands out ``scope`` units, fuzz tests first, then the longest expected (``cost``)."""
     from xdist.scheduler import LoadScopeScheduling
 
     class FamilyScheduling(LoadScopeScheduling):
@@ -62,7 +81,7 @@ def scheduler(config, log):
             for nodeid in collection:
                 units.setdefault(scope(nodeid), {})[nodeid] = False
             # a test that is no family (a fuzz test) first; sorted() keeps the collection's order in a tie
-            for name in sorted(units, key=lambda name: (name.startswith("family:"), -len(units[name]))):
+            for name in sorted(units, key=lambda name: (name.startswith("family:"), -cost(units[name]))):
                 self.workqueue[name] = units[name]
             self.collection = list(collection)
             for node in self.nodes:

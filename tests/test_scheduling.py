@@ -58,7 +58,7 @@ def _scheduled(collection):
     return sched, nodes
 
 
-def test_the_scheduler_hands_out_fuzz_tests_first_then_whole_families_largest_first():
+def test_the_scheduler_hands_out_fuzz_tests_first_then_whole_families_the_longest_first():
     small, large = BASE.replace(dtype="fp16"), BASE
     collection = [f"s.py::test_forward[naive-{small.id}]",
                   *(f"s.py::test_forward[naive-{large.replace(seed=s).id}]" for s in range(3)),
@@ -68,6 +68,16 @@ def test_the_scheduler_hands_out_fuzz_tests_first_then_whole_families_largest_fi
     assert nodes[1].sent[0] == [1, 2, 3]  # the largest family, whole
     assert nodes[0].sent[1] == [0, 5]  # the other family, a second unit so that the fuzz test runs
     assert nodes[1].shutting_down  # nothing left for it
+
+
+def test_a_family_whose_kernel_combines_features_is_handed_out_before_a_larger_plain_one():
+    rich = BASE.replace(causal="bottom_right", window=(48, 0), softcap=30.0, alibi=True)
+    plain = [f"s.py::test_forward[flex-{BASE.replace(seed=s).id}]" for s in range(23)]
+    collection = [*plain, f"s.py::test_window[flex-{rich.id}]"]
+    assert scheduling.cost(collection[-1:]) > scheduling.cost(plain) == len(plain)
+    sched, nodes = _scheduled(collection)
+    assert nodes[0].sent[0] == [23]  # the one case of three features, first
+    assert nodes[1].sent[0] == list(range(23))
 
 
 def test_an_xdist_run_keeps_each_family_on_one_worker(pytester):
