@@ -16,6 +16,16 @@ from conformance.backends.sdpa import pinned
 from conformance.case import Case
 from conformance.inputs import make_inputs
 
+# What flex._no_eager_fallback sets in dynamo's config, which is the whole pytest process's: a test that
+# compiles through the adapter restores them (the flag by whichever of its names this torch has).
+DYNAMO_SETTINGS = tuple(name for name in ("cache_size_limit", "accumulated_cache_size_limit",
+                                          "fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
+                        if hasattr(torch._dynamo.config, name))
+
+
+def dynamo_settings() -> dict:
+    return {name: getattr(torch._dynamo.config, name) for name in DYNAMO_SETTINGS}
+
 
 @pytest.mark.parametrize("case", [
     Case(seqlen_q=33, seqlen_k=65, causal="bottom_right", nheads=4, nheads_k=2, head_dim=16),
@@ -93,12 +103,16 @@ def test_compiled_flex_is_compiled_for_every_shape_except_where_it_is_timed(monk
     monkeypatch.setattr(flex, "_flex", functools.cache(flex._flex.__wrapped__))  # a cache of this test's own
     case = Case(batch=1, seqlen_q=16, seqlen_k=16, nheads=2, head_dim=16, causal="bottom_right")
     inputs = make_inputs(case, "cpu")
-    untimed = call(flex.BACKEND, inputs.q, inputs.k, inputs.v, case)
-    assert compiled == [{"dynamic": True}]
-    monkeypatch.setattr(kernel_side, "_timing", True)  # as during kernel_side.speed_time
-    timed = call(flex.BACKEND, inputs.q, inputs.k, inputs.v, case)
-    call(flex.BACKEND, inputs.q, inputs.k, inputs.v, case)
+    before = dynamo_settings()
+    with torch._dynamo.config.patch(**before):  # _flex raises dynamo's limits: this test's alone
+        untimed = call(flex.BACKEND, inputs.q, inputs.k, inputs.v, case)
+        assert compiled == [{"dynamic": True}]
+        monkeypatch.setattr(kernel_side, "_timing", True)  # as during kernel_side.speed_time
+        timed = call(flex.BACKEND, inputs.q, inputs.k, inputs.v, case)
+        call(flex.BACKEND, inputs.q, inputs.k, inputs.v, case)
+        assert torch._dynamo.config.cache_size_limit >= flex.RECOMPILE_LIMIT  # the adapter's settings were made
     assert compiled == [{"dynamic": True}, {"dynamic": False}] and torch.equal(untimed, timed)
+    assert dynamo_settings() == before  # and undone: the rest of the process keeps dynamo's own
 
 
 def test_the_speed_checks_calls_are_known_as_timed_in_the_kernels_process(monkeypatch):
