@@ -11,7 +11,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from conformance import features, grid
+from conformance import features, grid, tiers
 from conformance.capabilities import Capabilities
 from conformance.case import Case
 from conformance.options import FUZZ_PROFILES as PROFILES  # --fuzz=NAME selects one (declared with the options)
@@ -38,13 +38,17 @@ def not_fuzzable_reasons(caps: Capabilities, needs: tuple[str, ...], feature: st
 
 
 def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature: str | None = None,
-          max_seqlen: int = 160, compiled: bool = False) -> st.SearchStrategy:
+          max_seqlen: int = 160, compiled: bool = False, level: int = tiers.level(tiers.DEFAULT_TIER)
+          ) -> st.SearchStrategy:
     """Cases ``caps`` supports on ``device``, each with ``feature`` (a check's feature: "causal" or a
     name in features.FEATURES) if given, small enough to run by the hundred. ``compiled``: the backend
     compiles a kernel per head dim and scale value (Backend.compiled), so those two are drawn from the
-    grid's pairwise values (grid.head_dim_palette, grid.SCALES), which the grid has compiled already;
-    everything else is drawn as for any backend."""
-    palette = grid.head_dim_palette(caps) if compiled else ()
+    values the grid at ``level`` (the run's tier) compiles already (grid.factors: at the quick tier the
+    first of grid.head_dim_palette and the default scale; from standard on, the whole palette and
+    grid.SCALES); everything else is drawn as for any backend."""
+    grid_values = grid.factors(caps, device, level) if compiled else {}
+    palette = grid_values.get("head_dim", ())
+    scales = grid_values.get("scale", grid.SCALES)
 
     @st.composite
     def build(draw):
@@ -81,7 +85,7 @@ def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature:
             # a KV cache is read causally two draws in three (a serving engine's prefill is causal)
             causal=draw(st.sampled_from(alignments if feature == "causal" else
                                         (None, *alignments, *alignments) if feature == "kvcache" else (None, *alignments))),
-            softmax_scale=draw(st.sampled_from(grid.SCALES) if compiled else
+            softmax_scale=draw(st.sampled_from(scales) if compiled else
                                st.none() | st.sampled_from((0.05, 0.1, 0.3, 0.5, 1.0, 2.0)))
             if caps.softmax_scale else None,
             layout=draw(st.sampled_from(layouts)), magnitude=draw(st.sampled_from((1.0, 4.0, 16.0))),

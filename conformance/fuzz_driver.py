@@ -39,7 +39,7 @@ import hypothesis
 import pytest
 from hypothesis import HealthCheck, settings
 
-from conformance import fuzz
+from conformance import fuzz, tiers
 from conformance.case import Case
 from conformance.checks import CHECKS
 from conformance.outcomes import Outcome
@@ -128,7 +128,7 @@ def fuzz_check(session, backend, check: str, learnt: dict, replay_folder: Path |
     if reasons:
         raise NotFuzzable("; ".join(reasons))
     strategy = fuzz.cases(backend.capabilities, session.selection.device, declared.needs, declared.feature,
-                          compiled=backend.compiled)
+                          compiled=backend.compiled, level=tiers.level(session.selection.tier))
     name = profile_name(session.fuzz_profile)
     file = replay_file(backend.name, check, replay_folder)
     saved = saved_cases(file)

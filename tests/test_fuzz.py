@@ -87,3 +87,21 @@ def test_a_compiled_backend_is_fuzzed_on_the_grids_head_dims_and_scales_only():
     assert {d for d, _ in drawn["compiled"]} <= set(palette) and {s for _, s in drawn["compiled"]} <= set(grid.SCALES)
     assert {d for d, _ in drawn["compiled"]} == set(palette)  # every palette value is reached
     assert len({d for d, _ in drawn["plain"]} - set(palette)) > 10  # a plain backend's are not so limited
+
+
+def test_a_compiled_backends_quick_tier_fuzz_test_draws_only_what_the_quick_grid_compiles():
+    """The quick grid compiles the first palette head dim and the default scale only: so does its fuzz test."""
+    from conformance import grid, tiers
+
+    caps = tiled.BACKEND.capabilities.updated({"head_dim_min": 16, "head_dim_max": 160})
+    quick = grid.factors(caps, "cpu", tiers.level("quick"))
+    assert quick["head_dim"] == (64,) and quick["scale"] == (None,)
+    drawn = set()
+
+    @settings(max_examples=40, derandomize=True, database=None)
+    @given(case=fuzz.cases(caps, "cpu", (), "causal", compiled=True, level=tiers.level("quick")))
+    def record(case):
+        drawn.add((case.head_dim, case.softmax_scale))
+
+    record()
+    assert drawn == {(64, None)}

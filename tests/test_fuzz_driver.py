@@ -2,6 +2,7 @@
 finding (no traceback through this suite), the minimal failing case saved per backend × check and
 replayed first by the next run, in every profile, and dropped once it passes."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import hypothesis
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from conformance import fuzz, fuzz_driver
+from conformance import fuzz, fuzz_driver, grid
 from conformance.backends.naive import BACKEND
 from conformance.case import Case
 from conformance.isolation import CaseResult
@@ -37,9 +38,9 @@ IGNORES_SCALE = KERNEL.replace("SCALE", "q.shape[-1] ** -0.5")
 CORRECT = KERNEL.replace("SCALE", "(softmax_scale or q.shape[-1] ** -0.5)")
 
 
-def stub_session(run, failure_text=lambda *a: None):
-    """What fuzz_check asks of the session, on the CPU with the ci profile: ``run`` judges a case."""
-    return SimpleNamespace(selection=SimpleNamespace(device="cpu"), fuzz_profile="ci",
+def stub_session(run, failure_text=lambda *a: None, tier="standard"):
+    """What fuzz_check asks of the session, on the CPU with the ci profile at ``tier``: ``run`` judges a case."""
+    return SimpleNamespace(selection=SimpleNamespace(device="cpu", tier=tier), fuzz_profile="ci",
                            given_up_on=lambda backend, case=None: False, failure_text=failure_text, run=run)
 
 
@@ -93,6 +94,24 @@ def test_a_case_drawn_twice_is_judged_once(monkeypatch, tmp_path):
     session = stub_session(lambda check, backend, case: runs.append(case.id) or CaseResult(Outcome.PASSED))
     fuzz_driver.fuzz_check(session, BACKEND, "forward", {}, tmp_path)
     assert sorted(runs) == sorted(c.id for c in two)  # 25 draws of two cases: each run once
+
+
+def test_a_compiled_backend_is_fuzzed_with_the_grids_head_dims_and_scales_only(tmp_path):
+    """A compiled backend compiles a kernel per head dim and scale: the driver passes ``compiled`` on to
+    fuzz.cases, so every case it judges has a head dim of grid.head_dim_palette and a scale of
+    grid.SCALES (drawn freely, most would be neither: a compilation each)."""
+    compiled = dataclasses.replace(BACKEND, compiled=True)
+    runs = []
+    session = stub_session(lambda check, backend, case: runs.append(case) or CaseResult(Outcome.PASSED))
+    fuzz_driver.fuzz_check(session, compiled, "forward", {}, tmp_path)
+    assert len(runs) > 10
+    palette = grid.head_dim_palette(compiled.capabilities)
+    assert {c.head_dim for c in runs} <= set(palette), sorted({c.head_dim for c in runs} - set(palette))
+    assert {c.softmax_scale for c in runs} <= set(grid.SCALES), {c.softmax_scale for c in runs} - set(grid.SCALES)
+    quick = []  # the quick tier's grid compiles its first head dim and the default scale only
+    fuzz_driver.fuzz_check(stub_session(lambda check, backend, case: quick.append(case) or CaseResult(Outcome.PASSED),
+                                        tier="quick"), compiled, "forward", {}, tmp_path)
+    assert {(c.head_dim, c.softmax_scale) for c in quick} == {(palette[0], None)}
 
 
 def test_derandomized_draws_depend_on_the_check_not_on_the_drivers_source(monkeypatch, tmp_path):
