@@ -11,7 +11,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from conformance import features, grid, tiers
+from conformance import features, grid
 from conformance.capabilities import Capabilities
 from conformance.case import Case
 from conformance.options import FUZZ_PROFILES as PROFILES  # --fuzz=NAME selects one (declared with the options)
@@ -37,23 +37,27 @@ def not_fuzzable_reasons(caps: Capabilities, needs: tuple[str, ...], feature: st
             if not (caps.causal if name == "causal" else getattr(caps, name))]
 
 
+def grid_values(check, caps: Capabilities, device: str, tier: str) -> tuple[tuple[int, ...], tuple]:
+    """The head dims and softmax scales ``check``'s grid realises for ``caps`` at ``tier``: what a compiled
+    backend's fuzz test draws (Backend.compiled). Each head dim and scale is a compilation of its own, and
+    these the grid compiles anyway; where the grid realises none, the pairwise palette and grid.SCALES."""
+    realised = [r.case for r in grid.for_backend(check, caps, device, tier) if r.case is not None]
+    head_dims = tuple(sorted({c.head_dim for c in realised})) or grid.head_dim_palette(caps)
+    scales = tuple(sorted({c.softmax_scale for c in realised}, key=lambda s: (s is not None, s or 0))) or grid.SCALES
+    return head_dims, scales
+
+
 def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature: str | None = None,
-          max_seqlen: int = 160, compiled: bool = False, level: int = tiers.level(tiers.DEFAULT_TIER)
-          ) -> st.SearchStrategy:
+          max_seqlen: int = 160, head_dims: tuple[int, ...] = (), scales: tuple = ()) -> st.SearchStrategy:
     """Cases ``caps`` supports on ``device``, each with ``feature`` (a check's feature: "causal" or a
-    name in features.FEATURES) if given, small enough to run by the hundred. ``compiled``: the backend
-    compiles a kernel per head dim and scale value (Backend.compiled), so those two are drawn from the
-    values the grid at ``level`` (the run's tier) compiles already (grid.factors: at the quick tier the
-    first of grid.head_dim_palette and the default scale; from standard on, the whole palette and
-    grid.SCALES); everything else is drawn as for any backend."""
-    grid_values = grid.factors(caps, device, level) if compiled else {}
-    palette = grid_values.get("head_dim", ())
-    scales = grid_values.get("scale", grid.SCALES)
+    name in features.FEATURES) if given, small enough to run by the hundred. ``head_dims`` and ``scales``,
+    when given, are the only values of those two drawn (a compiled backend's: ``grid_values``); everything
+    else is drawn as for any backend."""
 
     @st.composite
     def build(draw):
-        if palette:
-            head_dim = draw(st.sampled_from(palette))
+        if head_dims:
+            head_dim = draw(st.sampled_from(head_dims))
         elif caps.head_dims is not None:
             head_dim = draw(st.sampled_from(sorted(caps.head_dims)))
         else:
@@ -85,7 +89,7 @@ def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature:
             # a KV cache is read causally two draws in three (a serving engine's prefill is causal)
             causal=draw(st.sampled_from(alignments if feature == "causal" else
                                         (None, *alignments, *alignments) if feature == "kvcache" else (None, *alignments))),
-            softmax_scale=draw(st.sampled_from(scales) if compiled else
+            softmax_scale=draw(st.sampled_from(scales) if scales else
                                st.none() | st.sampled_from((0.05, 0.1, 0.3, 0.5, 1.0, 2.0)))
             if caps.softmax_scale else None,
             layout=draw(st.sampled_from(layouts)), magnitude=draw(st.sampled_from((1.0, 4.0, 16.0))),

@@ -39,7 +39,7 @@ import hypothesis
 import pytest
 from hypothesis import HealthCheck, settings
 
-from conformance import fuzz, tiers
+from conformance import fuzz
 from conformance.case import Case
 from conformance.checks import CHECKS
 from conformance.outcomes import Outcome
@@ -127,8 +127,11 @@ def fuzz_check(session, backend, check: str, learnt: dict, replay_folder: Path |
     reasons = fuzz.not_fuzzable_reasons(backend.capabilities, declared.needs, declared.feature)
     if reasons:
         raise NotFuzzable("; ".join(reasons))
-    strategy = fuzz.cases(backend.capabilities, session.selection.device, declared.needs, declared.feature,
-                          compiled=backend.compiled, level=tiers.level(session.selection.tier))
+    device = session.selection.device
+    head_dims, scales = (fuzz.grid_values(declared, backend.capabilities, device, session.selection.tier)
+                         if backend.compiled else ((), ()))
+    strategy = fuzz.cases(backend.capabilities, device, declared.needs, declared.feature,
+                          head_dims=head_dims, scales=scales)
     name = profile_name(session.fuzz_profile)
     file = replay_file(backend.name, check, replay_folder)
     saved = saved_cases(file)

@@ -4,7 +4,7 @@ failure to a small case whose id reruns it; correct backends survive it."""
 import pytest
 from hypothesis import HealthCheck, Phase, find, given, settings
 
-from conformance import fuzz
+from conformance import fuzz, grid
 from conformance.backends import tiled
 from conformance.case import Case
 from conformance.checks import CHECKS, CORRECTNESS_CHECKS, execute
@@ -69,39 +69,36 @@ def test_fuzzed_cases_stay_inside_the_declaration():
     inside()
 
 
-def test_a_compiled_backend_is_fuzzed_on_the_grids_head_dims_and_scales_only():
-    """Each head dim and scale of a compiled kernel is a compilation: its fuzz test reuses the grid's."""
-    from conformance import grid
-
+def test_given_head_dims_and_scales_are_the_only_ones_drawn():
+    """A compiled backend's fuzz test is given the head dims and scales its grid compiles: only those are drawn."""
     caps = tiled.BACKEND.capabilities.updated({"head_dim_min": 16, "head_dim_max": 160})
-    palette = grid.head_dim_palette(caps)
-    assert palette == (64, 128, 40)
-    drawn = {"compiled": set(), "plain": set()}
+    head_dims, scales = (64, 128, 40), (None, 0.3)
+    drawn = {"given": set(), "free": set()}
     for kind in drawn:
+        values = dict(head_dims=head_dims, scales=scales) if kind == "given" else {}
+
         @settings(max_examples=60, derandomize=True, database=None)
-        @given(case=fuzz.cases(caps, "cpu", (), "causal", compiled=kind == "compiled"))
+        @given(case=fuzz.cases(caps, "cpu", (), "causal", **values))
         def record(case):
             drawn[kind].add((case.head_dim, case.softmax_scale))
 
         record()
-    assert {d for d, _ in drawn["compiled"]} <= set(palette) and {s for _, s in drawn["compiled"]} <= set(grid.SCALES)
-    assert {d for d, _ in drawn["compiled"]} == set(palette)  # every palette value is reached
-    assert len({d for d, _ in drawn["plain"]} - set(palette)) > 10  # a plain backend's are not so limited
+    assert drawn["given"] == {(d, s) for d in head_dims for s in scales}  # those only, and each reached
+    assert len({d for d, _ in drawn["free"]} - set(head_dims)) > 10  # drawn freely, most are neither
 
 
-def test_a_compiled_backends_quick_tier_fuzz_test_draws_only_what_the_quick_grid_compiles():
-    """The quick grid compiles the first palette head dim and the default scale only: so does its fuzz test."""
-    from conformance import grid, tiers
+def test_a_compiled_backends_fuzz_values_are_what_its_checks_grid_realises_at_the_tier():
+    """Each head dim and scale is a compilation: the fuzz test of a check reuses its grid's, tier by tier
+    (the quick grid's causal check compiles head dim 64 and the default scale only; its forward check
+    hand-written head dims and a custom scale)."""
+    from conformance.backends.flex import BACKEND as flex
 
-    caps = tiled.BACKEND.capabilities.updated({"head_dim_min": 16, "head_dim_max": 160})
-    quick = grid.factors(caps, "cpu", tiers.level("quick"))
-    assert quick["head_dim"] == (64,) and quick["scale"] == (None,)
-    drawn = set()
+    def values(check, tier):
+        return fuzz.grid_values(CHECKS[check], flex.capabilities, "cuda", tier)
 
-    @settings(max_examples=40, derandomize=True, database=None)
-    @given(case=fuzz.cases(caps, "cpu", (), "causal", compiled=True, level=tiers.level("quick")))
-    def record(case):
-        drawn.add((case.head_dim, case.softmax_scale))
-
-    record()
-    assert drawn == {(64, None)}
+    assert values("causal", "quick") == ((64,), (None,))
+    assert values("causal", "standard") == ((40, 64, 128), (None, 0.3))
+    dims, scales = values("forward", "quick")
+    assert {40, 64, 128, 256} <= set(dims) and scales == (None, 0.3)
+    assert fuzz.grid_values(CHECKS["softcap"], tiled.BACKEND.capabilities.updated({"softcap": False}), "cpu",
+                            "standard") == (grid.head_dim_palette(tiled.BACKEND.capabilities), grid.SCALES)  # no grid: the palette

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from conformance import fuzz, fuzz_driver, grid
+from conformance import fuzz, fuzz_driver
 from conformance.backends.naive import BACKEND
 from conformance.case import Case
+from conformance.checks import CHECKS
 from conformance.isolation import CaseResult
 from conformance.outcomes import Outcome
 
@@ -96,22 +97,23 @@ def test_a_case_drawn_twice_is_judged_once(monkeypatch, tmp_path):
     assert sorted(runs) == sorted(c.id for c in two)  # 25 draws of two cases: each run once
 
 
-def test_a_compiled_backend_is_fuzzed_with_the_grids_head_dims_and_scales_only(tmp_path):
-    """A compiled backend compiles a kernel per head dim and scale: the driver passes ``compiled`` on to
-    fuzz.cases, so every case it judges has a head dim of grid.head_dim_palette and a scale of
-    grid.SCALES (drawn freely, most would be neither: a compilation each)."""
+def test_a_compiled_backend_is_fuzzed_with_the_head_dims_and_scales_its_checks_grid_compiles(tmp_path):
+    """A compiled backend compiles a kernel per head dim and scale: the driver draws those its check's grid
+    realises at the run's tier (fuzz.grid_values), which the grid compiles anyway (drawn freely, most
+    would be neither: a compilation each); a backend that does not compile is fuzzed freely."""
     compiled = dataclasses.replace(BACKEND, compiled=True)
-    runs = []
-    session = stub_session(lambda check, backend, case: runs.append(case) or CaseResult(Outcome.PASSED))
-    fuzz_driver.fuzz_check(session, compiled, "forward", {}, tmp_path)
-    assert len(runs) > 10
-    palette = grid.head_dim_palette(compiled.capabilities)
-    assert {c.head_dim for c in runs} <= set(palette), sorted({c.head_dim for c in runs} - set(palette))
-    assert {c.softmax_scale for c in runs} <= set(grid.SCALES), {c.softmax_scale for c in runs} - set(grid.SCALES)
-    quick = []  # the quick tier's grid compiles its first head dim and the default scale only
-    fuzz_driver.fuzz_check(stub_session(lambda check, backend, case: quick.append(case) or CaseResult(Outcome.PASSED),
-                                        tier="quick"), compiled, "forward", {}, tmp_path)
-    assert {(c.head_dim, c.softmax_scale) for c in quick} == {(palette[0], None)}
+    for tier, backend in (("standard", compiled), ("quick", compiled), ("standard", BACKEND)):
+        runs = []
+        session = stub_session(lambda check, b, case: runs.append(case) or CaseResult(Outcome.PASSED), tier=tier)
+        fuzz_driver.fuzz_check(session, backend, "causal", {}, tmp_path)
+        assert len(runs) > 10
+        dims, scales = fuzz.grid_values(CHECKS["causal"], BACKEND.capabilities, "cpu", tier)
+        drawn_dims, drawn_scales = {c.head_dim for c in runs}, {c.softmax_scale for c in runs}
+        if backend.compiled:
+            assert drawn_dims <= set(dims) and drawn_scales <= set(scales), (tier, drawn_dims, drawn_scales)
+        else:
+            assert len(drawn_dims - set(dims)) > 5
+    assert dims == (40, 64, 128) and fuzz.grid_values(CHECKS["causal"], BACKEND.capabilities, "cpu", "quick")[0] == (64,)
 
 
 def test_derandomized_draws_depend_on_the_check_not_on_the_drivers_source(monkeypatch, tmp_path):
