@@ -17,7 +17,8 @@ from conformance.case import Case
 from conformance.inputs import make_inputs
 
 # What flex._no_eager_fallback sets in dynamo's config, which is the whole pytest process's: a test that
-# compiles through the adapter restores them (each of the flag's names this torch has: newer ones keep the old as an alias).
+# compiles through the adapter restores them (each of the flag's names this torch has: newer torch keeps
+# the old name as an alias).
 DYNAMO_SETTINGS = tuple(name for name in ("cache_size_limit", "accumulated_cache_size_limit",
                                           "fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
                         if hasattr(torch._dynamo.config, name))
