@@ -31,7 +31,7 @@ def family(case: Case) -> str:
     return "-".join(p for p in parts if p)
 
 
-@functools.lru_cache(maxsize=None)  # asked again as each test completes
+@functools.lru_cache(maxsize=None)
 def _case(nodeid: str) -> Case | None:
     found = _CASE_IN_ID.search(nodeid)
     if found is None:
@@ -42,6 +42,7 @@ def _case(nodeid: str) -> Case | None:
         return None
 
 
+@functools.lru_cache(maxsize=None)  # asked again as each test completes
 def scope(nodeid: str) -> str:
     """The unit of work a test belongs to: its case's family for a test of a check, else the test alone."""
     case = _case(nodeid)
