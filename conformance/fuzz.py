@@ -37,33 +37,63 @@ def not_fuzzable_reasons(caps: Capabilities, needs: tuple[str, ...], feature: st
             if not (caps.causal if name == "causal" else getattr(caps, name))]
 
 
-def grid_values(check, caps: Capabilities, device: str, tier: str) -> tuple[tuple[int, ...], tuple]:
-    """The head dims and softmax scales ``check``'s grid realises for ``caps`` at ``tier``: what a compiled
-    backend's fuzz test draws (Backend.compiled). Each head dim and scale is a compilation of its own, and
-    these the grid compiles anyway; where the grid realises none, the pairwise palette and grid.SCALES."""
+def grid_variants(check, caps: Capabilities, device: str, tier: str) -> tuple[Case, ...]:
+    """One case of each variant (``scheduling.family``: dtype, head dim, layout, GQA or not, masked or not,
+    scale, features and their kinds) that ``check``'s grid realises for ``caps`` at ``tier``: what a compiled
+    backend's fuzz test draws its variants from (Backend.compiled). Each variant is a compilation of its
+    own, and these the grid compiles anyway; empty where the grid realises none."""
+    from conformance.scheduling import family
+
+    if check.intents is None:  # no grid of intents (speed: its benchmarks)
+        return ()
     realised = [r.case for r in grid.for_backend(check, caps, device, tier) if r.case is not None]
-    head_dims = tuple(sorted({c.head_dim for c in realised})) or grid.head_dim_palette(caps)
-    scales = tuple(sorted({c.softmax_scale for c in realised}, key=lambda s: (s is not None, s or 0))) or grid.SCALES
-    return head_dims, scales
+    return tuple({family(c): c for c in reversed(realised)}.values())[::-1]
+
+
+def _as_variant(draw, variant: Case, fields: dict, max_seqlen: int) -> None:
+    """The drawn sizes and feature values (``fields``) made those of ``variant``'s variant: its features, each
+    drawn anew, with the bias's kind and pattern, the page size and a mixed batch or not as the variant has
+    them (a draw that cannot keep them is rejected)."""
+    from hypothesis import assume
+
+    for f in features.FEATURES:
+        if f.present(variant):
+            f.draw(draw, fields, max_seqlen)
+    if variant.attn_bias is not None:
+        fields["attn_bias"] = variant.attn_bias
+        if "b" in variant.attn_bias.partition(".")[2]:  # as _draw_attn_bias: a bias per batch item, over two
+            fields["batch"] = 2
+    if variant.cache_seqlens is not None:
+        assume((fields.get("new_seqlens") is None) == (variant.new_seqlens is None))
+        page = variant.page_block
+        assume((fields.get("page_block") is None) == (page is None))
+        if page is not None:
+            fields.update(page_block=page, seqlen_k=max(2, -(-fields["seqlen_k"] // page)) * page)
+    if variant.layout == "packed":  # q, k and v views of one tensor: one seqlen
+        fields["seqlen_k"] = fields["seqlen_q"]
 
 
 def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature: str | None = None,
-          max_seqlen: int = 160, head_dims: tuple[int, ...] = (), scales: tuple = ()) -> st.SearchStrategy:
+          max_seqlen: int = 160, variants: tuple[Case, ...] = ()) -> st.SearchStrategy:
     """Cases ``caps`` supports on ``device``, each with ``feature`` (a check's feature: "causal" or a
-    name in features.FEATURES) if given, small enough to run by the hundred. ``head_dims`` and ``scales``,
-    when given, are the only values of those two drawn (a compiled backend's: ``grid_values``); everything
-    else is drawn as for any backend."""
+    name in features.FEATURES) if given, small enough to run by the hundred. ``variants``, when given (a
+    compiled backend's: ``grid_variants``), are the only variants drawn: each case is one of theirs with its
+    batch, seqlens, head counts, causal alignment, magnitude, feature values and seed drawn."""
 
     @st.composite
     def build(draw):
-        if head_dims:
-            head_dim = draw(st.sampled_from(head_dims))
+        variant = draw(st.sampled_from(variants)) if variants else None
+        if variant is not None:
+            head_dim = variant.head_dim
         elif caps.head_dims is not None:
             head_dim = draw(st.sampled_from(sorted(caps.head_dims)))
         else:
             head_dim = draw(st.integers(caps.head_dim_min, min(caps.head_dim_max, 160)))
         nheads_k = draw(st.integers(1, 2))
-        group = draw(st.sampled_from((1, 1, 2, 4))) if caps.gqa or caps.mqa else 1
+        if variant is not None:
+            group = 1 if variant.nheads_k == variant.nheads else draw(st.sampled_from((2, 4)))
+        else:
+            group = draw(st.sampled_from((1, 1, 2, 4))) if caps.gqa or caps.mqa else 1
         m = caps.seqlen_multiple
         # block edges as often as anything else: bugs live one past a block, or at exactly one
         lengths = st.one_of(st.sampled_from([n for n in EDGES if n <= max_seqlen]), st.integers(1, max_seqlen)).map(
@@ -75,7 +105,9 @@ def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature:
         # beside an attn_bias or dropout one in three (those checks' subject is the bias or the mask with
         # whatever else comes: a kernel may drop the bias where softcap, a window, ALiBi or dropout comes)
         others = _often if feature == "attn_bias" or "dropout" in needs else _sometimes
-        for f in features.FEATURES:
+        if variant is not None:
+            _as_variant(draw, variant, fields, max_seqlen)
+        for f in features.FEATURES if variant is None else ():
             if f.name == feature or (feature in (None, "attn_bias") and f.name != feature and not f.own_call
                                      and getattr(caps, f.name) and draw(others)):
                 f.draw(draw, fields, max_seqlen)
@@ -83,17 +115,19 @@ def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature:
         sq, sk = fields["seqlen_q"], fields["seqlen_k"]
         layouts = ["contiguous"] if own_call else ["contiguous", "bhsd"] + (["packed"] if sq == sk else [])
         alignments = caps.causal if feature != "kvcache" else tuple(a for a in caps.causal if a == "bottom_right")
+        # a KV cache is read causally two draws in three (a serving engine's prefill is causal)
+        causal = (alignments if feature == "causal" else
+                  (None, *alignments, *alignments) if feature == "kvcache" else (None, *alignments))
+        if variant is not None:  # masked or not as the variant is; the alignment is a number, not a variant
+            causal = (None,) if variant.causal is None else alignments
+        scale = st.none() | st.sampled_from((0.05, 0.1, 0.3, 0.5, 1.0, 2.0))
         return Case(
             nheads=nheads_k * group, nheads_k=nheads_k, head_dim=head_dim,
-            dtype=draw(st.sampled_from(sorted(caps.dtypes))),
-            # a KV cache is read causally two draws in three (a serving engine's prefill is causal)
-            causal=draw(st.sampled_from(alignments if feature == "causal" else
-                                        (None, *alignments, *alignments) if feature == "kvcache" else (None, *alignments))),
-            softmax_scale=draw(st.sampled_from(scales) if scales else
-                               st.none() | st.sampled_from((0.05, 0.1, 0.3, 0.5, 1.0, 2.0)))
-            if caps.softmax_scale else None,
-            layout=draw(st.sampled_from(layouts)), magnitude=draw(st.sampled_from((1.0, 4.0, 16.0))),
-            seed=draw(st.integers(0, 99_999)), **fields,
+            dtype=variant.dtype if variant is not None else draw(st.sampled_from(sorted(caps.dtypes))),
+            causal=draw(st.sampled_from(causal)),
+            softmax_scale=(variant.softmax_scale if variant is not None else draw(scale)) if caps.softmax_scale else None,
+            layout=variant.layout if variant is not None else draw(st.sampled_from(layouts)),
+            magnitude=draw(st.sampled_from((1.0, 4.0, 16.0))), seed=draw(st.integers(0, 99_999)), **fields,
         )
 
     return build().filter(lambda case: not caps.not_supported_reasons(case, device, needs))

@@ -128,10 +128,9 @@ def fuzz_check(session, backend, check: str, learnt: dict, replay_folder: Path |
     if reasons:
         raise NotFuzzable("; ".join(reasons))
     device = session.selection.device
-    head_dims, scales = (fuzz.grid_values(declared, backend.capabilities, device, session.selection.tier)
-                         if backend.compiled else ((), ()))
-    strategy = fuzz.cases(backend.capabilities, device, declared.needs, declared.feature,
-                          head_dims=head_dims, scales=scales)
+    variants = (fuzz.grid_variants(declared, backend.capabilities, device, session.selection.tier)
+                if backend.compiled else ())
+    strategy = fuzz.cases(backend.capabilities, device, declared.needs, declared.feature, variants=variants)
     name = profile_name(session.fuzz_profile)
     file = replay_file(backend.name, check, replay_folder)
     saved = saved_cases(file)

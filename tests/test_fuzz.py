@@ -69,36 +69,60 @@ def test_fuzzed_cases_stay_inside_the_declaration():
     inside()
 
 
-def test_given_head_dims_and_scales_are_the_only_ones_drawn():
-    """A compiled backend's fuzz test is given the head dims and scales its grid compiles: only those are drawn."""
+def test_given_variants_are_the_only_ones_drawn_each_with_sizes_of_its_own():
+    """A compiled backend's fuzz test is given the variants its grid compiles (scheduling.family: dtype, head
+    dim, layout, GQA or not, masked or not, scale, features): only those are drawn, each reached, with
+    batch, seqlens, heads and values drawn anew; drawn freely, most cases are a variant of their own."""
+    from conformance.scheduling import family
+
     caps = tiled.BACKEND.capabilities.updated({"head_dim_min": 16, "head_dim_max": 160})
-    head_dims, scales = (64, 128, 40), (None, 0.3)
-    drawn = {"given": set(), "free": set()}
+    variants = (Case(dtype="fp16", head_dim=64, causal="bottom_right", layout="packed"),
+                Case(dtype="bf16", head_dim=40, nheads=4, nheads_k=2, softmax_scale=0.3, layout="bhsd"),
+                Case(dtype="fp32", head_dim=128, softcap=5.0, window=(3, -1)))
+    drawn = {"given": [], "free": []}
     for kind in drawn:
-        values = dict(head_dims=head_dims, scales=scales) if kind == "given" else {}
+        values = dict(variants=variants) if kind == "given" else {}
 
         @settings(max_examples=60, derandomize=True, database=None)
-        @given(case=fuzz.cases(caps, "cpu", (), "causal", **values))
+        @given(case=fuzz.cases(caps, "cpu", (), None, **values))
         def record(case):
-            drawn[kind].add((case.head_dim, case.softmax_scale))
+            drawn[kind].append(case)
 
         record()
-    assert drawn["given"] == {(d, s) for d in head_dims for s in scales}  # those only, and each reached
-    assert len({d for d, _ in drawn["free"]} - set(head_dims)) > 10  # drawn freely, most are neither
+    families = {family(c) for c in drawn["given"]}
+    assert families == {family(v) for v in variants}  # those only, and each reached
+    assert len({(c.batch, c.seqlen_q, c.seqlen_k, c.nheads, c.nheads_k) for c in drawn["given"]}) > 20
+    assert len({c.window for c in drawn["given"]}) > 3 and len({c.seed for c in drawn["given"]}) > 10
+    assert sum(family(c) not in families for c in drawn["free"]) > 40
 
 
-def test_a_compiled_backends_fuzz_values_are_what_its_checks_grid_realises_at_the_tier():
-    """Each head dim and scale is a compilation: the fuzz test of a check reuses its grid's, tier by tier
-    (the quick grid's causal check compiles head dim 64 and the default scale only; its forward check
-    hand-written head dims and a custom scale)."""
+def test_a_compiled_backends_fuzz_variants_are_its_checks_grid_variants_at_the_tier():
+    """Each variant is a compilation: the fuzz test of a check draws its grid's, tier by tier, one case of
+    each (a paged cache with its page size, a bias with its kind and pattern, a mixed batch or not), and
+    what it draws from them stays in them for every check flex is fuzzed on."""
     from conformance.backends.flex import BACKEND as flex
+    from conformance.scheduling import family
 
-    def values(check, tier):
-        return fuzz.grid_values(CHECKS[check], flex.capabilities, "cuda", tier)
+    for tier in ("quick", "standard"):
+        for name, check in CHECKS.items():
+            variants = fuzz.grid_variants(check, flex.capabilities, "cuda", tier)
+            if check.intents is None:
+                assert variants == ()
+                continue
+            grid_families = {family(r.case) for r in grid.for_backend(check, flex.capabilities, "cuda", tier) if r.case}
+            assert [family(v) for v in variants] == list(dict.fromkeys(family(v) for v in variants))  # one each
+            assert {family(v) for v in variants} == grid_families
+            if fuzz.not_fuzzable_reasons(flex.capabilities, check.needs, check.feature) or not variants:
+                continue
 
-    assert values("causal", "quick") == ((64,), (None,))
-    assert values("causal", "standard") == ((40, 64, 128), (None, 0.3))
-    dims, scales = values("forward", "quick")
-    assert {40, 64, 128, 256} <= set(dims) and scales == (None, 0.3)
-    assert fuzz.grid_values(CHECKS["softcap"], tiled.BACKEND.capabilities.updated({"softcap": False}), "cpu",
-                            "standard") == (grid.head_dim_palette(tiled.BACKEND.capabilities), grid.SCALES)  # no grid: the palette
+            @settings(max_examples=25, derandomize=True, database=None, deadline=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=fuzz.cases(flex.capabilities, "cuda", check.needs, check.feature, variants=variants))
+            def inside(case):
+                assert family(case) in grid_families, (tier, name, case.id)
+
+            inside()
+    assert len(fuzz.grid_variants(CHECKS["causal"], flex.capabilities, "cuda", "quick")) == 3
+    assert len(fuzz.grid_variants(CHECKS["causal"], flex.capabilities, "cuda", "standard")) == 21
+    assert fuzz.grid_variants(CHECKS["softcap"], tiled.BACKEND.capabilities.updated({"softcap": False}), "cpu",
+                              "standard") == ()  # no grid: nothing to draw from (and the check is not fuzzable)

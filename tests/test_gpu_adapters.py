@@ -69,6 +69,27 @@ def test_flex_adapter_makes_its_mask_and_score_parameters_once(monkeypatch):
     assert made == [] and torch.equal(first, again)
 
 
+def test_flex_adapter_never_captures_one_tensor_for_two_parameters():
+    """Dynamo guards on which tensors a compiled function captures are one object: with one tensor per value,
+    a window of (0, 0) beside a causal offset and an ALiBi offset of 0 made them one, and the next case,
+    where they differ, compiled the variant again (13 such recompilations in a run of flex's standard tier
+    on an H100). Each parameter has its own tensor, whatever the values."""
+    case = Case(seqlen_q=40, seqlen_k=40, causal="bottom_right", window=(0, 0), head_dim=16, alibi=True, softcap=5.0)
+    inputs = make_inputs(case, "cpu")
+    captured = []
+
+    def recording(q, k, v, score_mod=None, block_mask=None, **kwargs):
+        for fn in (score_mod, block_mask.mask_mod):
+            captured.extend(c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, torch.Tensor))
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, **kwargs)
+
+    flex._block_mask.cache_clear()
+    call(dataclasses.replace(flex.BACKEND, fn=lambda *a, **k: flex.attention(*a, flex=recording, **k)),
+         inputs.q, inputs.k, inputs.v, case)
+    assert len(captured) >= 5  # the offset, the window's two sides, the softcap, the slopes, the ALiBi offset
+    assert len({id(t) for t in captured}) == len(captured)
+
+
 def test_compiled_flex_never_falls_back_to_eager_flex_attention(monkeypatch):
     """Past dynamo's recompile limit torch.compile quietly runs a function eagerly; for flex_attention that is
     the unfused reference (N^2 memory), which the suite would then judge instead of the compiled kernel.

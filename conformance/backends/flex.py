@@ -73,19 +73,21 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)  # fused: never holds the dense mask (PyTorch's advice)
 
 
-@functools.lru_cache(maxsize=1024, typed=True)  # typed: 5 (a window side) and 5.0 (a softcap) apart
-def _scalar(value, device: torch.device) -> torch.Tensor:
-    """A mask or score parameter as a tensor on the device, made once per value: made on every call it is a
-    copy from the host that waits for the GPU, and the speed check, whose GPU sleep ahead of each call hides
-    its launch, would time the rest of the launch (dynamo's guards, the wrapper) as the kernel's."""
+@functools.lru_cache(maxsize=1024)
+def _scalar(role: str, value, device: torch.device) -> torch.Tensor:
+    """A mask or score parameter as a tensor on the device, made once per role and value: made on every call
+    it is a copy from the host that waits for the GPU, and the speed check, whose GPU sleep ahead of each
+    call hides its launch, would time the rest of the launch (dynamo's guards, the wrapper) as the kernel's.
+    One tensor per role, never shared by two: dynamo guards on which captured tensors are the same object,
+    so a window of (5, 5) after one of (5, 3) compiled the variant again (seen on an H100, torch 2.11)."""
     return torch.tensor(value, device=device)
 
 
 def _mask_mod(causal: bool, alignment: str, window_size: tuple, sq: int, sk: int, device: torch.device, keep=None):
     """The mask_mod of causal/window arguments in flash-attn's sense, and-ed with a boolean attn_bias
     expanded to (batch, heads, seqlen_q, seqlen_k) (``keep``); None when nothing is masked."""
-    offset = _scalar(sk - sq if alignment == "bottom_right" else 0, device)
-    left, right = (_scalar(w, device) for w in window_size)
+    offset = _scalar("offset", sk - sq if alignment == "bottom_right" else 0, device)
+    left, right = (_scalar(side, w, device) for side, w in zip(("left", "right"), window_size))
     windowed = window_size[0] >= 0 or window_size[1] >= 0
 
     def mask_mod(b, h, qi, ki):
@@ -141,9 +143,9 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_s
         block_mask = _block_mask(bool(causal), causal_alignment, window, sq, sk, device)
     capped, biased = bool(softcap), alibi_slopes is not None  # booleans: the compiled graph's guards see only these
     has_bias = added is not None
-    cap = _scalar(float(softcap), device) if capped else None
+    cap = _scalar("softcap", float(softcap), device) if capped else None
     slopes = alibi_slopes.to(device=device, dtype=torch.float32) if biased else None
-    alibi_offset = _scalar(sk - sq, device) if biased else None
+    alibi_offset = _scalar("alibi offset", sk - sq, device) if biased else None
 
     def score_mod(score, b, h, qi, ki):
         if capped:
