@@ -137,8 +137,8 @@ class Backend:
     # declaration (a skip with the library's reason); a plain function (an import string) may not: there
     # a refusal is a failure, or every case a kernel gets wrong could be hidden as a skip.
     may_refuse: bool = True
-    # Each new head dim, dtype, mask and scale value is a compilation (seconds to minutes): the fuzz test
-    # then draws head dims and scales from the grid's values, which the grid compiles anyway (fuzz.py).
+    # Each new variant (head dim, dtype, layout, mask, scale, features) is a compilation (seconds to minutes):
+    # the fuzz test then draws its variants from the grid's, which the grid compiles anyway (fuzz.py).
     compiled: bool = False
     # Set on a backend whose functions run in the kernel's process (kernel_client.py): runs a measuring
     # procedure of kernel_side.PROCEDURES there. None: the backend runs here.

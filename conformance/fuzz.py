@@ -3,7 +3,9 @@
 ``cases(capabilities, device, needs)`` draws batch, seqlens (unequal too), heads and GQA/MQA ratios, head
 dim, dtype, scale, causal alignment, layout (contiguous or strided views), magnitude, and the window,
 softcap and ALiBi features a backend declares. A failure shrinks to a minimal case, whose id reruns it;
-hypothesis' example database (``.hypothesis/``) replays found failures first on the next run.
+the driver (fuzz_driver.py) replays found failures first on the next run. A compiled backend's cases are
+variants of its check's grid (``grid_variants``) with their sizes and values drawn: every variant it does
+not share with the grid was a compilation of its own, run after run.
 """
 
 from __future__ import annotations
