@@ -121,7 +121,7 @@ def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature:
         causal = (alignments if feature == "causal" else
                   (None, *alignments, *alignments) if feature == "kvcache" else (None, *alignments))
         if variant is not None:  # masked or not as the variant is; the alignment is a number, not a variant
-            causal = (None,) if variant.causal is None else alignments
+            causal = (None,) if variant.causal is None else (alignments or (variant.causal,))
         scale = st.none() | st.sampled_from((0.05, 0.1, 0.3, 0.5, 1.0, 2.0))
         return Case(
             nheads=nheads_k * group, nheads_k=nheads_k, head_dim=head_dim,

@@ -130,6 +130,8 @@ def fuzz_check(session, backend, check: str, learnt: dict, replay_folder: Path |
     device = session.selection.device
     variants = (fuzz.grid_variants(declared, backend.capabilities, device, session.selection.tier)
                 if backend.compiled else ())
+    if backend.compiled and not variants:  # drawn freely, every case would be a compilation of its own
+        raise NotFuzzable("compiled, and the check's grid realises no variant at this tier to draw from")
     strategy = fuzz.cases(backend.capabilities, device, declared.needs, declared.feature, variants=variants)
     name = profile_name(session.fuzz_profile)
     file = replay_file(backend.name, check, replay_folder)

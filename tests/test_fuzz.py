@@ -91,6 +91,7 @@ def test_given_variants_are_the_only_ones_drawn_each_with_sizes_of_its_own():
         record()
     families = {family(c) for c in drawn["given"]}
     assert families == {family(v) for v in variants}  # those only, and each reached
+    assert {c.softmax_scale for c in drawn["given"]} == {v.softmax_scale for v in variants}  # the values, too
     assert len({(c.batch, c.seqlen_q, c.seqlen_k, c.nheads, c.nheads_k) for c in drawn["given"]}) > 20
     assert len({c.window for c in drawn["given"]}) > 3 and len({c.seed for c in drawn["given"]}) > 10
     assert sum(family(c) not in families for c in drawn["free"]) > 40

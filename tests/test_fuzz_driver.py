@@ -166,3 +166,26 @@ def test_shrinking_runs_new_cases_for_a_bounded_time(monkeypatch, tmp_path):
             assert len(runs) > 20 and learnt["case"].seed == 0
         else:  # no time to shrink: the first failing case is the one reported
             assert runs == [learnt["case"]]
+
+
+def test_a_compiled_backend_whose_grid_realises_no_variant_is_not_fuzzed_freely(tmp_path):
+    """Drawn freely, each case of a compiled backend is a compilation of its own: where the check's grid realises
+    no variant at the tier (a backend declaring equal seqlens only, attn_bias at the quick tier), it is not fuzzed."""
+    compiled = dataclasses.replace(BACKEND, compiled=True,
+                                   capabilities=BACKEND.capabilities.updated({"equal_seqlens": True}))
+    assert fuzz.grid_variants(CHECKS["attn_bias"], compiled.capabilities, "cpu", "quick") == ()
+    runs = []
+    session = stub_session(lambda check, b, case: runs.append(case) or CaseResult(Outcome.PASSED), tier="quick")
+    with pytest.raises(fuzz_driver.NotFuzzable, match="no variant"):
+        fuzz_driver.fuzz_check(session, compiled, "attn_bias", {}, tmp_path)
+    assert runs == []
+
+
+def test_a_compiled_backend_with_top_left_causal_only_is_fuzzed_on_its_kv_cache_variants(tmp_path):
+    """The KV-cache draws take bottom-right alignments only; a compiled backend declaring top-left alone has causal
+    KV-cache variants in its grid all the same, drawn with the variant's own alignment (not from an empty list)."""
+    compiled = dataclasses.replace(BACKEND, compiled=True, capabilities=BACKEND.capabilities.updated({"causal": ["top_left"]}))
+    runs = []
+    session = stub_session(lambda check, b, case: runs.append(case) or CaseResult(Outcome.PASSED), tier="quick")
+    fuzz_driver.fuzz_check(session, compiled, "kvcache", {}, tmp_path)
+    assert len(runs) > 10 and "top_left" in {c.causal for c in runs}

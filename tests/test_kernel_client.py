@@ -370,7 +370,7 @@ def test_the_judge_never_waits_on_an_event_of_the_kernels_process(monkeypatch):
 
 
 def test_the_judge_learns_that_a_backend_compiles_per_variant():
-    """The fuzz test draws a compiled backend's head dims and scales from the grid's (fuzz.py): the judge
+    """The fuzz test draws a compiled backend's variants from the grid's (fuzz.py): the judge
     must learn ``compiled`` from the kernel's process, where the backend is loaded (flex is declared
     there on a machine without CUDA too, unavailable)."""
     kernel = KernelProcess(call_timeout=60)
