@@ -10,6 +10,8 @@ not share with the grid was a compilation of its own, run after run.
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -24,6 +26,9 @@ EDGES = (1, 2, 16, 17, 63, 64, 65, 127, 128, 129, 160)
 # of four each, so most draws test the check's own subject; features.py holds each feature's draw.
 _sometimes = st.integers(0, 3).map(lambda x: x == 0)
 _often = st.integers(0, 2).map(lambda x: x == 0)
+# the KV cache's draw (features._draw_cache) draws these, the only feature they go with: their own rows would
+# draw them again
+_DRAWN_WITH_CACHE = ("paged_kv", "mixed_batch")
 
 
 def profile(name: str) -> settings:
@@ -59,7 +64,7 @@ def _as_variant(draw, variant: Case, fields: dict, max_seqlen: int) -> None:
     from hypothesis import assume
 
     for f in features.FEATURES:
-        if f.present(variant):
+        if f.present(variant) and f.name not in _DRAWN_WITH_CACHE:
             f.draw(draw, fields, max_seqlen)
     if variant.attn_bias is not None:
         fields["attn_bias"] = variant.attn_bias
@@ -73,6 +78,17 @@ def _as_variant(draw, variant: Case, fields: dict, max_seqlen: int) -> None:
             fields.update(page_block=page, seqlen_k=max(2, -(-fields["seqlen_k"] // page)) * page)
     if variant.layout == "packed":  # q, k and v views of one tensor: one seqlen
         fields["seqlen_k"] = fields["seqlen_q"]
+
+
+def _cache_in_multiple(fields: dict, multiple: int) -> None:
+    """A KV-cache draw's lengths in the backend's seqlen multiple (its 1 to 8 new tokens are none of 16's,
+    and every draw would be filtered out): the new tokens rounded as the grid rounds lengths, the cache grown
+    by as many, up to whole multiples (and pages), so each item keeps its room and a mixed batch's prefill
+    adds them all."""
+    sq, news = fields["seqlen_q"], fields.get("new_seqlens")
+    rounded, step = grid.round_length(sq, multiple), math.lcm(multiple, fields.get("page_block") or 1)
+    fields.update(seqlen_q=rounded, seqlen_k=-(-(fields["seqlen_k"] + rounded - sq) // step) * step,
+                  new_seqlens=None if news is None else tuple(rounded if n == sq else n for n in news))
 
 
 def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature: str | None = None,
@@ -113,6 +129,8 @@ def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature:
             if f.name == feature or (feature in (None, "attn_bias") and f.name != feature and not f.own_call
                                      and getattr(caps, f.name) and draw(others)):
                 f.draw(draw, fields, max_seqlen)
+        if fields.get("cache_seqlens") is not None and m > 1:
+            _cache_in_multiple(fields, m)
         own_call = feature in features.BY_NAME and features.BY_NAME[feature].own_call
         sq, sk = fields["seqlen_q"], fields["seqlen_k"]
         layouts = ["contiguous"] if own_call else ["contiguous", "bhsd"] + (["packed"] if sq == sk else [])

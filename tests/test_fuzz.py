@@ -1,11 +1,15 @@
 """The fuzzer, told nothing but a backend's declaration and a check, finds every mutant and shrinks the
 failure to a small case whose id reruns it; correct backends survive it."""
 
+import collections
+import dataclasses
+
 import pytest
 from hypothesis import HealthCheck, Phase, find, given, settings
 
-from conformance import fuzz, grid
+from conformance import features, fuzz, grid
 from conformance.backends import tiled
+from conformance.capabilities import Capabilities
 from conformance.case import Case
 from conformance.checks import CHECKS, CORRECTNESS_CHECKS, execute
 from mutants import MUTANTS
@@ -127,3 +131,76 @@ def test_a_compiled_backends_fuzz_variants_are_its_checks_grid_variants_at_the_t
     assert len(fuzz.grid_variants(CHECKS["causal"], flex.capabilities, "cuda", "standard")) == 21
     assert fuzz.grid_variants(CHECKS["softcap"], tiled.BACKEND.capabilities.updated({"softcap": False}), "cpu",
                               "standard") == ()  # no grid: nothing to draw from (and the check is not fuzzable)
+
+
+# tiled's declaration (paged and mixed KV-cache batches), fuzzed as a compiled backend's: its grid's KV-cache variants
+KVCACHE_CAPS = tiled.BACKEND.capabilities
+KVCACHE_VARIANTS = fuzz.grid_variants(CHECKS["kvcache"], KVCACHE_CAPS, "cpu", "quick")
+
+
+def _kvcache_draws(caps, variants=(), max_examples=25):
+    drawn = []
+
+    @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case=fuzz.cases(caps, "cpu", CHECKS["kvcache"].needs, "kvcache", variants=variants))
+    def record(case):
+        drawn.append(case)
+
+    record()
+    return drawn
+
+
+def test_a_kvcache_variant_draws_its_page_size_and_mixed_batch_once(monkeypatch):
+    """The KV-cache feature's draw draws the page size and the mixed batch: their own rows are not drawn again
+    (the second draw would win, the first wasted)."""
+    draws, in_cache = collections.Counter(), []
+
+    def counted(name, draw):
+        def counting(*args):
+            draws[name, "in the cache's draw" if in_cache else "again"] += 1
+            draw(*args)
+        return counting
+
+    def cache_draw(*args):
+        in_cache.append(True)
+        try:
+            features._draw_cache(*args)
+        finally:
+            in_cache.pop()
+
+    # the rows' draws, and the page's and the mixed batch's as the KV cache's draw calls them
+    monkeypatch.setattr(features, "FEATURES", tuple(
+        dataclasses.replace(f, draw=cache_draw if f.name == "kvcache" else counted(f.name, f.draw))
+        for f in features.FEATURES))
+    monkeypatch.setattr(features, "_draw_page", counted("paged_kv", features._draw_page))
+    monkeypatch.setattr(features, "_draw_mixed", counted("mixed_batch", features._draw_mixed))
+    variants = tuple(v for v in KVCACHE_VARIANTS if v.page_block is not None and v.new_seqlens is not None)
+    assert variants and _kvcache_draws(KVCACHE_CAPS, variants)
+    assert {kind for _, kind in draws} == {"in the cache's draw"}, draws
+    assert {name for name, _ in draws} == {"paged_kv", "mixed_batch"}
+
+
+def test_a_kvcache_variants_cases_keep_its_mixed_batch_and_page_size():
+    """A mixed prefill and decode variant stays mixed and one that is not stays not, each with its page size
+    (or none): a case that changed either would be another variant, a compilation of its own."""
+    kinds = {(v.new_seqlens is not None, v.page_block) for v in KVCACHE_VARIANTS}
+    assert {(True, None), (False, None)} <= kinds and {mixed for mixed, page in kinds if page} == {True, False}
+    for variant in KVCACHE_VARIANTS:
+        for case in _kvcache_draws(KVCACHE_CAPS, (variant,), max_examples=10):
+            assert (case.new_seqlens is None) == (variant.new_seqlens is None), (variant.id, case.id)
+            assert case.page_block == variant.page_block, (variant.id, case.id)
+
+
+@pytest.mark.parametrize("multiple", (16, 3))
+def test_kvcache_cases_are_drawn_for_a_backend_with_a_seqlen_multiple(multiple):
+    """The KV cache's 1 to 8 new tokens are no multiple of 16: they are rounded as the grid rounds lengths, the
+    cache with them (paged and mixed batches too), rather than every draw filtered out."""
+    caps = Capabilities(kvcache=True, paged_kv=True, mixed_batch=True, seqlen_multiple=multiple)
+    variants = fuzz.grid_variants(CHECKS["kvcache"], caps, "cpu", "quick")
+    drawn = _kvcache_draws(caps, max_examples=20) + _kvcache_draws(caps, variants, max_examples=20)
+    assert len(drawn) == 40
+    for case in drawn:
+        assert not caps.not_supported_reasons(case, "cpu", CHECKS["kvcache"].needs), case.id
+        assert case.seqlen_q % multiple == 0 and case.seqlen_k % multiple == 0, case.id
+    assert any(c.page_block for c in drawn) and any(c.new_seqlens for c in drawn)
