@@ -191,3 +191,27 @@ def test_flash_refuses_softcap_with_dropout_as_the_library_does():
     q = torch.zeros(1, 4, 1, 8)
     with pytest.raises(Unsupported, match="softcap with dropout"):
         flash.attention(q, q, q, dropout_p=0.1, softcap=5.0)
+
+
+def test_flex_adapter_runs_a_call_without_gradients_in_the_graph_compiled_for_them(monkeypatch):
+    """Each grad mode is a compiled graph of its own, and the checks call most cases both ways: untimed,
+    a call without gradients runs the graph of a call with them (one compilation per variant, not two),
+    and returns a detached output; a call with gradients, or a timed one, is passed as it came."""
+    seen = []
+
+    def recording(q, k, v, **kwargs):
+        seen.append((torch.is_grad_enabled(), q.requires_grad, k.requires_grad, v.requires_grad))
+        return q * 2
+
+    monkeypatch.setattr(flex, "BACKWARD_DEVICES", ("cpu",))  # as on CUDA: flex has no backward on the CPU
+    case = Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=2, head_dim=16)
+    inputs = make_inputs(case, "cpu")
+    with torch.no_grad():
+        out = flex.attention(inputs.q, inputs.k, inputs.v, flex=recording)
+    assert seen == [(True, True, True, True)] and not out.requires_grad and torch.equal(out, inputs.q * 2)
+    assert not inputs.q.requires_grad  # the caller's tensors are left as they were
+    grad = make_inputs(case, "cpu", requires_grad=True)
+    assert flex.attention(grad.q, grad.k, grad.v, flex=recording).requires_grad
+    monkeypatch.setattr(kernel_side, "_timing", True)  # as during kernel_side.speed_time
+    flex.attention(inputs.q, inputs.k, inputs.v, flex=recording)
+    assert seen[1:] == [(True, True, True, True), (True, False, False, False)]

@@ -2,8 +2,8 @@
 and softcap / ALiBi as a score modification.
 
 Mask and score parameters enter as tensors, not Python numbers, so a new offset or window does not
-trigger a recompilation; every dtype, head dim, mask/score variant and grad mode still compiles its own
-kernel (about 3 s each on an H200, one process). CUDA only: on the CPU it compiles too, but measured on
+trigger a recompilation; every dtype, head dim and mask/score variant still compiles its own kernel (about
+3 s each on an H200, one process), once for both grad modes (``_one_graph_per_variant``). CUDA only: on the CPU it compiles too, but measured on
 the 2-core CI machine (torch 2.13) the first compile took 14 s and each new shape about 3 s, minutes over
 a tier's grid. On an H100 (torch 2.11) a new head dim or dtype cost 2 to over 60 s of compilation.
 
@@ -62,6 +62,7 @@ def _flex(static: bool):
     return torch.compile(flex_attention, dynamic=not static)
 
 
+BACKWARD_DEVICES = ("cuda",)  # where flex_attention has a backward (on the CPU it raises)
 COMPILED_MASK_FROM = 2**24  # seqlen_q * seqlen_k from which a mask is built compiled (eagerly: ~160 MB)
 
 
@@ -156,10 +157,24 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_s
             score = score + added[b, h, qi, ki]
         return score
 
-    compiled = flex or _flex(kernel_side.timing())
-    out = compiled(q, k, v, score_mod=score_mod if capped or biased or has_bias else None, block_mask=block_mask,
-                   scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = _one_graph_per_variant(flex or _flex(kernel_side.timing()), q, k, v,
+                                 score_mod=score_mod if capped or biased or has_bias else None,
+                                 block_mask=block_mask, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2)
+
+
+def _one_graph_per_variant(compiled, q, k, v, **kwargs):
+    """A call without gradients runs the graph compiled for calls with them (q, k, v as leaves that
+    require grad, the output detached), except where it is timed. Each grad mode is a graph of its own,
+    and the checks call most cases both ways (the output, then the gradients): in the cold standard tier on
+    an H100 (torch 2.11), 315 of flex's 525 compilations were a variant's other grad mode. Both graphs'
+    forward is flex_attention's one kernel template; timed, a call runs the inference graph, as users of
+    it run it. On the CPU, where flex has no backward, there is no such graph."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if grad or kernel_side.timing() or q.device.type not in BACKWARD_DEVICES:
+        return compiled(q, k, v, **kwargs)
+    with torch.enable_grad():
+        return compiled(*(t.detach().requires_grad_(True) for t in (q, k, v)), **kwargs).detach()
 
 
 
