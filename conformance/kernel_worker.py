@@ -163,7 +163,10 @@ class _Worker:
         except BackendNotFound as exc:
             return "not-found", str(exc)
         except OutOfMemory as exc:
-            _release_memory()
+            try:
+                _release_memory()
+            except Exception as err:  # noqa: BLE001 - a device the kernel left broken: the reply is still the oom
+                return "oom", f"{exc} (releasing memory after it then raised {type(err).__name__}: {err})"
             return "oom", str(exc)
         except DeviceFault as exc:
             return "fault", str(exc)

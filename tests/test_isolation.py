@@ -191,6 +191,23 @@ def test_workers_sharing_a_gpu_return_cached_device_memory_after_each_case(monke
     assert worker.handle("forget", True) == ("ok", None) and released == [1, 2]
 
 
+def test_an_out_of_memory_is_replied_as_one_even_when_releasing_memory_after_it_fails(monkeypatch):
+    """The kernel's process frees cached device memory after an oom; where that raises too (a device the
+    kernel left broken), the reply is still the oom, not a crash of the process's request loop."""
+    from conformance import kernel_worker
+    from conformance.backend import OutOfMemory
+
+    def release():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(kernel_worker, "_release_memory", release)
+    worker = kernel_worker._Worker()
+    monkeypatch.setattr(worker, "call", lambda *args: (_ for _ in ()).throw(OutOfMemory("CUDA out of memory")))
+    status, message = worker.handle("call", ())
+    assert status == "oom" and message.startswith("CUDA out of memory (releasing memory after it then raised "
+                                                  "RuntimeError: CUDA error: an illegal memory access")
+
+
 def test_an_out_of_memory_in_the_judges_own_computation_says_so(monkeypatch):
     """On a GPU that workers share, the judge's float64 reference can run out too: an oom, said to be the judge's."""
     import torch
