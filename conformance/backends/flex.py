@@ -74,7 +74,7 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)  # fused: never holds the dense mask (PyTorch's advice)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=1024, typed=True)  # 5 and 5.0 are tensors of two dtypes
 def _scalar(role: str, value, device: torch.device) -> torch.Tensor:
     """A mask or score parameter as a tensor on the device, made once per role and value: made on every call
     it is a copy from the host that waits for the GPU, and the speed check, whose GPU sleep ahead of each
