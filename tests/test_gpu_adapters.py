@@ -193,10 +193,12 @@ def test_flash_refuses_softcap_with_dropout_as_the_library_does():
         flash.attention(q, q, q, dropout_p=0.1, softcap=5.0)
 
 
-def test_flex_adapter_runs_a_call_without_gradients_in_the_graph_compiled_for_them(monkeypatch):
-    """Each grad mode is a compiled graph of its own, and the checks call most cases both ways: untimed,
-    a call without gradients runs the graph of a call with them (one compilation per variant, not two),
-    and returns a detached output; a call with gradients, or a timed one, is passed as it came."""
+def test_flex_adapter_runs_a_featured_call_without_gradients_in_the_graph_compiled_for_them(monkeypatch):
+    """Each grad mode is a compiled graph of its own, and the window, softcap, ALiBi and attn_bias checks call
+    each case both ways: untimed, such a call without gradients runs the graph of a call with them (one
+    compilation, not two) and returns a detached output. A call without those features keeps the graph
+    users of torch.no_grad run; a call where q, k, v or the bias require grad, or a timed one, is passed as
+    it came."""
     seen = []
 
     def recording(q, k, v, **kwargs):
@@ -207,11 +209,16 @@ def test_flex_adapter_runs_a_call_without_gradients_in_the_graph_compiled_for_th
     case = Case(batch=1, seqlen_q=8, seqlen_k=8, nheads=2, head_dim=16)
     inputs = make_inputs(case, "cpu")
     with torch.no_grad():
-        out = flex.attention(inputs.q, inputs.k, inputs.v, flex=recording)
-    assert seen == [(True, True, True, True)] and not out.requires_grad and torch.equal(out, inputs.q * 2)
+        out = flex.attention(inputs.q, inputs.k, inputs.v, window_size=(2, 0), flex=recording)
+        assert seen == [(True, True, True, True)] and not out.requires_grad and torch.equal(out, inputs.q * 2)
+        flex.attention(inputs.q, inputs.k, inputs.v, flex=recording)  # no feature: the inference graph
+        assert seen[1] == (False, False, False, False)
     assert not inputs.q.requires_grad  # the caller's tensors are left as they were
+    bias = torch.zeros(1, 2, 8, 8, requires_grad=True)  # only the bias wants a gradient: a call with them
+    flex.attention(inputs.q, inputs.k, inputs.v, attn_bias=bias, flex=recording)
+    assert seen[2] == (True, False, False, False)
     grad = make_inputs(case, "cpu", requires_grad=True)
-    assert flex.attention(grad.q, grad.k, grad.v, flex=recording).requires_grad
+    assert flex.attention(grad.q, grad.k, grad.v, softcap=5.0, flex=recording).requires_grad
     monkeypatch.setattr(kernel_side, "_timing", True)  # as during kernel_side.speed_time
-    flex.attention(inputs.q, inputs.k, inputs.v, flex=recording)
-    assert seen[1:] == [(True, True, True, True), (True, False, False, False)]
+    flex.attention(inputs.q, inputs.k, inputs.v, softcap=5.0, flex=recording)
+    assert seen[3:] == [(True, True, True, True), (True, False, False, False)]

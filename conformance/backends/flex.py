@@ -3,9 +3,10 @@ and softcap / ALiBi as a score modification.
 
 Mask and score parameters enter as tensors, not Python numbers, so a new offset or window does not
 trigger a recompilation; every dtype, head dim and mask/score variant still compiles its own kernel (about
-3 s each on an H200, one process), once for both grad modes (``_one_graph_per_variant``). CUDA only: on the CPU it compiles too, but measured on
-the 2-core CI machine (torch 2.13) the first compile took 14 s and each new shape about 3 s, minutes over
-a tier's grid. On an H100 (torch 2.11) a new head dim or dtype cost 2 to over 60 s of compilation.
+3 s each on an H200, one process), and, without a window, softcap, ALiBi or bias, one per grad mode
+(``_as_training``). CUDA only: on the CPU it compiles too, but measured on the 2-core CI machine (torch
+2.13) the first compile took 14 s and each new shape about 3 s, minutes over a tier's grid. On an H100
+(torch 2.11) a new head dim or dtype cost 2 to over 60 s of compilation.
 
 ``kvcache_attention`` (flash_attn_with_kvcache's convention, paged too) reads a paged cache in flex itself,
 through a mask_mod over the cache's slots.
@@ -27,10 +28,11 @@ RECOMPILE_LIMIT = 4096  # compiled variants of flex_attention one kernel process
 
 
 def _no_eager_fallback():
-    """Every mask, score modification, dtype, head dim and grad mode is a graph of its own. Past dynamo's
-    recompile limit (8 by default) torch.compile quietly runs flex_attention eagerly, an unfused reference
-    that materialises the scores: the suite would be judging that, not the compiled kernel (the memory
-    check measured N^2 when it happened). The limit is raised far past a run's variants, and reaching it
+    """Every mask, score modification, dtype, head dim and grad mode is a graph of its own (``_as_training``
+    shares one between grad modes where it can). Past dynamo's recompile limit (8 by default)
+    torch.compile quietly runs flex_attention eagerly, an unfused reference that materialises the scores:
+    the suite would be judging that, not the compiled kernel (the memory check measured N^2 when it
+    happened). The limit is raised far past a run's variants, and reaching it
     is an error, not a fallback. These are settings of the kernel's process: another compiled backend run there
     (``--speed-against``) gets them too. The limits' older names, which torch 2.7 and later keep as aliases,
     work from torch 2.5."""
@@ -157,25 +159,30 @@ def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_s
             score = score + added[b, h, qi, ki]
         return score
 
-    out = _one_graph_per_variant(flex or _flex(kernel_side.timing()), q, k, v,
-                                 score_mod=score_mod if capped or biased or has_bias else None,
-                                 block_mask=block_mask, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+    compiled = flex or _flex(kernel_side.timing())
+    kwargs = dict(score_mod=score_mod if capped or biased or has_bias else None, block_mask=block_mask,
+                  scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+    featured = window[0] >= 0 or window[1] >= 0 or capped or biased or attn_bias is not None
+    if _as_training(q, k, v, (attn_bias, alibi_slopes), featured):
+        with torch.enable_grad():
+            out = compiled(*(t.detach().requires_grad_(True) for t in (q, k, v)), **kwargs).detach()
+    else:
+        out = compiled(q, k, v, **kwargs)
     return out.transpose(1, 2)
 
 
-def _one_graph_per_variant(compiled, q, k, v, **kwargs):
-    """A call without gradients runs the graph compiled for calls with them (q, k, v as leaves that
-    require grad, the output detached), except where it is timed. Each grad mode is a graph of its own,
-    and the checks call most cases both ways (the output, then the gradients): in the cold standard tier on
-    an H100 (torch 2.11), 315 of flex's 525 compilations were a variant's other grad mode. Both graphs'
-    forward is flex_attention's one kernel template; timed, a call runs the inference graph, as users of
-    it run it. On the CPU, where flex has no backward, there is no such graph."""
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if grad or kernel_side.timing() or q.device.type not in BACKWARD_DEVICES:
-        return compiled(q, k, v, **kwargs)
-    with torch.enable_grad():
-        return compiled(*(t.detach().requires_grad_(True) for t in (q, k, v)), **kwargs).detach()
-
+def _as_training(q, k, v, captured: tuple, featured: bool) -> bool:
+    """Whether a call without gradients runs the graph compiled for calls with them (q, k, v as leaves that
+    require grad, the output detached): an untimed one with a window, softcap, ALiBi or an attn_bias. Each
+    grad mode is a graph of its own, and the window, softcap, ALiBi and attn_bias checks call each case
+    both ways (the output, then the gradients): in the cold standard tier on an H100 (torch 2.11), 315 of
+    flex's 525 compilations were a variant's other grad mode. Their forward kernels differ only in writing
+    the log-sum-exp. Calls without those features (the forward, causal and sanity checks, the KV cache)
+    keep the graph users of ``torch.no_grad`` run, and timed calls are left as they come. A call wants
+    gradients when q, k, v or a captured tensor (the bias, the slopes) requires them. On the CPU, where
+    flex has no backward, there is no such graph."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, *captured))
+    return featured and not grad and not kernel_side.timing() and q.device.type in BACKWARD_DEVICES
 
 
 def kvcache_attention(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None, softmax_scale=None,
