@@ -83,12 +83,16 @@ def _as_variant(draw, variant: Case, fields: dict, max_seqlen: int) -> None:
 def _cache_in_multiple(fields: dict, multiple: int) -> None:
     """A KV-cache draw's lengths in the backend's seqlen multiple (its 1 to 8 new tokens are none of 16's,
     and every draw would be filtered out): the new tokens rounded as the grid rounds lengths, the cache grown
-    by as many, up to whole multiples (and pages), so each item keeps its room and a mixed batch's prefill
-    adds them all."""
-    sq, news = fields["seqlen_q"], fields.get("new_seqlens")
-    rounded, step = grid.round_length(sq, multiple), math.lcm(multiple, fields.get("page_block") or 1)
-    fields.update(seqlen_q=rounded, seqlen_k=-(-(fields["seqlen_k"] + rounded - sq) // step) * step,
-                  new_seqlens=None if news is None else tuple(rounded if n == sq else n for n in news))
+    by as many, up to whole multiples (and pages), so each item keeps its room. In a mixed batch the prefill
+    adds them all, and the other items' caches grow by as many, so the decode's stays longer than the
+    prefill's."""
+    sq, news, grown = fields["seqlen_q"], fields.get("new_seqlens"), grid.round_length(fields["seqlen_q"], multiple)
+    step = math.lcm(multiple, fields.get("page_block") or 1)
+    fields.update(seqlen_q=grown, seqlen_k=-(-(fields["seqlen_k"] + grown - sq) // step) * step)
+    if news is not None:
+        fields.update(new_seqlens=tuple(grown if n == sq else n for n in news),
+                      cache_seqlens=tuple(c if n == sq else c + grown - sq
+                                          for c, n in zip(fields["cache_seqlens"], news)))
 
 
 def cases(caps: Capabilities, device: str, needs: tuple[str, ...] = (), feature: str | None = None,

@@ -204,3 +204,12 @@ def test_kvcache_cases_are_drawn_for_a_backend_with_a_seqlen_multiple(multiple):
         assert not caps.not_supported_reasons(case, "cpu", CHECKS["kvcache"].needs), case.id
         assert case.seqlen_q % multiple == 0 and case.seqlen_k % multiple == 0, case.id
     assert any(c.page_block for c in drawn) and any(c.new_seqlens for c in drawn)
+
+
+def test_a_mixed_batchs_decode_cache_stays_longer_than_the_prefills_when_rounded_to_a_multiple():
+    """The prefill's new tokens rounded up to the multiple, the other items' caches grow by as many: the
+    decode still reads a cache longer than the prefill's with its tokens (_draw_mixed's intent)."""
+    fields = dict(batch=2, seqlen_q=4, seqlen_k=40, cache_seqlens=(10, 14), new_seqlens=(4, 1))
+    fuzz._cache_in_multiple(fields, 16)
+    assert fields == dict(batch=2, seqlen_q=16, seqlen_k=64, cache_seqlens=(10, 26), new_seqlens=(16, 1))
+    assert Case(head_dim=16, **fields).id  # a valid case
