@@ -213,6 +213,9 @@ def test_flex_adapter_runs_a_featured_call_without_gradients_in_the_graph_compil
         assert seen == [(True, True, True, True)] and not out.requires_grad and torch.equal(out, inputs.q * 2)
         flex.attention(inputs.q, inputs.k, inputs.v, flex=recording)  # no feature: the inference graph
         assert seen[1] == (False, False, False, False)
+    with torch.inference_mode():  # a user's inference: left as it comes
+        flex.attention(inputs.q, inputs.k, inputs.v, window_size=(2, 0), flex=recording)
+        assert seen.pop() == (False, False, False, False)
     assert not inputs.q.requires_grad  # the caller's tensors are left as they were
     bias = torch.zeros(1, 2, 8, 8, requires_grad=True)  # only the bias wants a gradient: a call with them
     flex.attention(inputs.q, inputs.k, inputs.v, attn_bias=bias, flex=recording)

@@ -178,11 +178,12 @@ def _as_training(q, k, v, captured: tuple, featured: bool) -> bool:
     both ways (the output, then the gradients): in the cold standard tier on an H100 (torch 2.11), 315 of
     flex's 525 compilations were a variant's other grad mode. Their forward kernels differ only in writing
     the log-sum-exp. Calls without those features (the forward, causal and sanity checks, the KV cache)
-    keep the graph users of ``torch.no_grad`` run, and timed calls are left as they come. A call wants
-    gradients when q, k, v or a captured tensor (the bias, the slopes) requires them. On the CPU, where
-    flex has no backward, there is no such graph."""
+    keep the graph users of ``torch.no_grad`` run; timed calls, and calls in inference mode, are left as
+    they come. A call wants gradients when q, k, v or a captured tensor (the bias, the slopes) requires
+    them. On the CPU, where flex has no backward, there is no such graph."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, *captured))
-    return featured and not grad and not kernel_side.timing() and q.device.type in BACKWARD_DEVICES
+    return (featured and not grad and not kernel_side.timing() and not torch.is_inference_mode_enabled()
+            and q.device.type in BACKWARD_DEVICES)
 
 
 def kvcache_attention(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None, softmax_scale=None,
