@@ -92,6 +92,13 @@ def load(file: Path, arch: str) -> dict | None:
     return data
 
 
+def updates(records: list[dict]) -> list[dict]:
+    """The baseline updates a run's case records hold: the speed check's, in a run with --update-baselines,
+    of its cases that passed. The journal keeps them as each case ends, so a run cut before its end (which
+    writes them) loses none (``attn-conformance update-baselines``)."""
+    return [r["measurements"]["baseline_update"] for r in records if "baseline_update" in (r.get("measurements") or {})]
+
+
 def apply(updates: list[dict]) -> list[tuple[Path, int]]:
     """Write a run's baseline updates (the speed check's ``baseline_update`` measurements, from every
     worker): each file once, its stored cases merged with every update to it. Returns (file, number of

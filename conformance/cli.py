@@ -71,6 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio-factor", type=float, default=2.0, metavar="X",
                    help="journals: list error/bound ratios that changed by more than this factor (default 2)")
 
+    p = commands.add_parser("update-baselines", help="write the speed baselines a run's journal holds (for a run "
+                            "cut before its end, which writes them)",
+                            description="The speed measurements of a run made with --update-baselines, read from its "
+                            "results journal and merged into the stored baseline files as the run writes them at its "
+                            "end: for a run cut before that (a time limit, a lost machine), whose journal keeps every "
+                            "case that finished. Exit 1 when the run holds none.")
+    p.add_argument("journal", nargs="?", default="conformance-results.jsonl",
+                   help="the results journal (default conformance-results.jsonl)")
+    p.add_argument("--run", default=None, metavar="RUN_ID", help="the run, by its id or the id's start (default: the "
+                   "last one)")
+    p.add_argument("--baselines-dir", default=None, metavar="DIR",
+                   help="write DIR/<arch>/<backend>.json (default: the files the run named, relative to where it ran)")
+
     p = commands.add_parser("export-benchmark", help="a journal's speed measurements for github-action-benchmark",
                             description="The speed measurements of a results journal as github-action-benchmark's "
                             "'customSmallerIsBetter' JSON ([{name, unit, value, range, extra}]), one entry per "
@@ -100,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return _certify(args)
     if args.command == "compare":
         return _compare(args)
+    if args.command == "update-baselines":
+        return _update_baselines(args)
     return _export(args)
 
 
@@ -149,6 +164,26 @@ def _compare(args) -> int:
         return 2
     print("\n".join(diff.lines))
     return 1 if diff.regressed else 0
+
+
+def _update_baselines(args) -> int:
+    from conformance import baselines, results
+
+    try:
+        journal = results.read(args.journal, args.run)
+    except results.ResultsFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    updates = baselines.updates(journal.cases)
+    if not updates:
+        print(f"error: run {journal.header.get('run_id')} of {args.journal} holds no baseline update (a speed check "
+              "run with --update-baselines, of cases that passed)", file=sys.stderr)
+        return 1
+    if args.baselines_dir is not None:
+        updates = [{**u, "file": str(baselines.path(args.baselines_dir, u["arch"], u["backend"]))} for u in updates]
+    for file, entries in baselines.apply(updates):
+        print(f"{file}: {entries} entries written")
+    return 0
 
 
 def _export(args) -> int:

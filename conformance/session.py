@@ -155,6 +155,5 @@ class ConformanceSession:
         """--update-baselines: every worker's measurements, each baseline file written once."""
         if self.worker:  # under pytest-xdist the controller writes them, from the workers' records
             return []
-        updates = [r["measurements"]["baseline_update"] for r in self.recorder.records
-                   if "baseline_update" in (r.get("measurements") or {})]
+        updates = baselines.updates(self.recorder.records)
         return baselines.apply(updates) if updates else []

@@ -25,7 +25,7 @@ def test_version_and_help_per_command(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"attn-conformance {__version__}"
-    for command in ("summary", "compare", "export-benchmark", "certify", "list-backends"):
+    for command in ("summary", "compare", "export-benchmark", "certify", "list-backends", "update-baselines"):
         with pytest.raises(SystemExit) as done:
             cli.main([command, "--help"])
         out = capsys.readouterr().out
@@ -120,3 +120,26 @@ def test_export_benchmark_writes_github_action_benchmark_json(tmp_path):
     assert entries == [{"name": "k fwd:c4", "unit": "ms", "value": 1.5, "range": "IQR 0.0100",
                         "extra": "tier quick; device cuda; outcome passed; 100.0 TFLOP/s; 12 rounds"}]
     assert all(isinstance(e["name"], str) and isinstance(e["value"], float) for e in entries)
+
+
+def test_update_baselines_writes_what_a_cut_runs_journal_holds(tmp_path, capsys):
+    """--update-baselines writes the files at the run's end; a run cut before it (a GPU lease's time limit)
+    wrote none, but its journal keeps each finished case's measurements."""
+    arch, entry = "sm90-x", {"median_ms": 1.0, "iqr_ms": 0.01, "rounds": 100}
+    j = Journal(tmp_path / "cut.jsonl", {"device": "cuda", "tier": "standard"})
+    for case in ("c1", "c2"):
+        update = {"file": "elsewhere/flash.json", "arch": arch, "backend": "flash", "cases": {f"fwd:{case}": entry},
+                  "machine_info": {"arch": arch}, "reference_kernel": "torch.bfloat16 matmul 4096^3"}
+        j.write({"record": "case", "backend": "flash", "check": "speed", "case_id": case, "outcome": "passed",
+                 "tier": "standard", "device": "cuda", "findings": [],
+                 "measurements": {"speed": {f"fwd:{case}": entry}, "baseline_update": update}})
+    j.write({"record": "case", "backend": "flash", "check": "speed", "case_id": "c3", "outcome": "failed",
+             "tier": "standard", "device": "cuda", "findings": [], "measurements": {"speed": {"fwd:c3": entry}}})
+    j.close()  # no end record: the run was cut
+    assert cli.main(["update-baselines", str(tmp_path / "cut.jsonl"), "--baselines-dir", str(tmp_path / "b")]) == 0
+    file = baselines.path(tmp_path / "b", arch, "flash")
+    assert capsys.readouterr().out == f"{file}: 2 entries written\n"
+    stored = baselines.load(file, arch)
+    assert set(stored["cases"]) == {"fwd:c1", "fwd:c2"} and stored["backend"] == "flash"
+    assert cli.main(["update-baselines", str(_journal(tmp_path / "none.jsonl", [("k", "speed", "c4", "passed", 0.1)]))]) == 1
+    assert "holds no baseline update" in capsys.readouterr().err
