@@ -102,6 +102,9 @@ def declared() -> dict[str, dict]:
                                  "(default 3)"),
         "update-baselines": dict(action="store_true", default=False,
                                  help="measure the speed cases and write them into the baselines of this GPU architecture"),
+        "update-missing-baselines": dict(action="store_true", default=False,
+                                         help="--update-baselines for the speed cases with no stored entry only (the "
+                                              "others skip): continues a recording cut short"),
         "speed-against": dict(default=None, metavar="BACKEND",
                               help="speed check: compare with this backend (a registered name or an import string, e.g. "
                                    "the previous build of the same kernel), timed interleaved in the same run, instead of "
@@ -122,6 +125,7 @@ class RunOptions:
     tier: str = DEFAULT_TIER
     baselines_dir: str = "baselines"
     update_baselines: bool = False
+    missing_baselines_only: bool = False  # --update-missing-baselines: cases with every mode stored skip
     speed_against: str | None = None  # --speed-against, as given
     speed_against_backend: Backend | None = None  # its declaration, read in the kernel's process
     memory_budget_gb: float | None = None

@@ -46,9 +46,11 @@ class ConformanceSession:
         self.crash_limit = option("crash_limit")
         self.fuzz_profile = option("fuzz")
         self.explicit = bool(option("check") or option("case"))  # skips the user asked for are no warning
-        baselines_dir = option("baselines_dir") or baselines.default_dir(option("update_baselines"))
-        self.options = RunOptions(tier=self.selection.tier, baselines_dir=str(baselines_dir),
-                                  update_baselines=option("update_baselines"), speed_against=option("speed_against"),
+        update = option("update_baselines") or option("update_missing_baselines")
+        baselines_dir = option("baselines_dir") or baselines.default_dir(update)
+        self.options = RunOptions(tier=self.selection.tier, baselines_dir=str(baselines_dir), update_baselines=update,
+                                  missing_baselines_only=option("update_missing_baselines"),
+                                  speed_against=option("speed_against"),
                                   memory_budget_gb=option("memory_budget"),
                                   gpu_shared_by=workerinput.get(workers.SHARED_KEY, 1))
         self.crash_streak: dict[str, list[str]] = {}  # backend -> the families of its crashes in a row

@@ -238,6 +238,26 @@ def test_baseline_files_are_validated_and_keyed_by_architecture(tmp_path):
     assert list(file.parent.iterdir()) == [file]  # the atomic writes left no temporary file
 
 
+def test_update_missing_baselines_times_only_the_cases_with_no_stored_entry(tmp_path):
+    """A recording cut by a time limit is continued by timing what it did not store: a case with every
+    mode stored skips and says why, one with a mode missing (or none) is timed; --update-baselines times
+    them all."""
+    other = SMALL.replace(seed=6)
+    missing = _options(tmp_path, update_baselines=True, missing_baselines_only=True)
+    assert speed_check.skip_reason(naive.BACKEND, SMALL, "cpu", missing) is None  # no file yet
+    arch = baselines.arch_key("cpu")
+    file = baselines.path(tmp_path, arch, "naive")
+    entry = _entry(1.0, 0.01)
+    baselines.save(file, {"schema": baselines.SCHEMA, "arch": arch, "backend": "naive",
+                          "cases": {f"fwd:{SMALL.id}": entry, f"fwdbwd:{SMALL.id}": entry, f"fwd:{other.id}": entry}})
+    reason = speed_check.skip_reason(naive.BACKEND, SMALL, "cpu", missing)
+    assert reason.startswith("its baseline is stored already") and str(file) in reason
+    assert speed_check.skip_reason(naive.BACKEND, other, "cpu", missing) is None  # its fwdbwd is missing
+    assert speed_check.skip_reason(naive.BACKEND, SMALL, "cpu", missing.replace(missing_baselines_only=False)) is None
+    forward_only = dataclasses.replace(naive.BACKEND, capabilities=FORWARD_ONLY)
+    assert speed_check.skip_reason(forward_only, other, "cpu", missing) is not None  # fwd is all it times
+
+
 def test_speed_check_needs_a_gpu_unless_told_otherwise():
     assert "times CUDA devices" in speed_check.skip_reason(naive.BACKEND, SMALL, "cpu", RunOptions())
 

@@ -80,9 +80,9 @@ def skip_reason(backend: Backend, case: Case, device: str, options: RunOptions) 
     if options.gpu_shared_by > 1:
         return (f"this pytest-xdist worker shares its GPU with {options.gpu_shared_by - 1} other(s): timings would "
                 "be wrong; run with no more workers (-n) than GPUs, or time in a run of its own")
-    if options.update_baselines:
+    if options.update_baselines and not options.missing_baselines_only:
         return None
-    if options.speed_against:
+    if options.speed_against and not options.update_baselines:
         try:
             against = against_backend(options)
         except registry.BackendNotFound as exc:
@@ -94,6 +94,11 @@ def skip_reason(backend: Backend, case: Case, device: str, options: RunOptions) 
         stored = baselines.load(file, arch)
     except baselines.BaselineError as exc:
         return str(exc)
+    if options.update_baselines:  # --update-missing-baselines
+        if stored is not None and all(key(m, case) in stored["cases"] for m in modes(backend)):
+            return (f"its baseline is stored already ({file}); --update-missing-baselines records the cases without "
+                    "one, --update-baselines times every case again")
+        return None
     if stored is None or not any(key(m, case) in stored["cases"] for m in modes(backend)):
         return (f"no baseline for this case on {arch} ({file}); record one with "
                 f"pytest --backend={backend.name} --check=speed --update-baselines, or compare with the previous "
