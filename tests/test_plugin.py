@@ -381,3 +381,21 @@ def test_the_header_names_the_backends_a_default_run_tests():
         raise RuntimeError("the kernel process did not start")
 
     assert header([], broken)[0].endswith("backends: every backend usable here (see --attn-list-backends)")
+
+
+def test_update_missing_baselines_records_into_the_working_baselines_only_what_is_missing(pytester):
+    """The run's options as the checks get them: --update-missing-baselines records (into ./baselines, as
+    --update-baselines does) with the missing-only rule on; --update-baselines alone times every case."""
+    pytester.makeconftest('''
+        from conformance.plugin import SESSION
+
+        def pytest_collection_finish(session):
+            options = session.config.stash[SESSION].options
+            print(f"OPTIONS update={options.update_baselines} missing={options.missing_baselines_only} "
+                  f"dir={options.baselines_dir}")
+    ''')
+    for flag, expected in (("--update-missing-baselines", "update=True missing=True dir=baselines"),
+                           ("--update-baselines", "update=True missing=False dir=baselines"),
+                           ("--tier=quick", "update=False missing=False")):
+        result = pytester.runpytest(*SUITE, "--backend=naive", "--check=speed", "-s", flag)
+        result.stdout.fnmatch_lines([f"OPTIONS {expected}*"])
