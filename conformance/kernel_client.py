@@ -46,6 +46,7 @@ class KernelProcess:
         self._fresh_for = None  # the kernel_side.FRESH key the process serves (until other work runs there)
         self._compile_clock = None  # the process's compile_clock.Clock
         self._log = None  # the process's log, open here; its name is removed once the process has opened it
+        self._cuda_slots: list[tuple[bytes, int]] = []  # IPC reference-count slots of CUDA tensors sent there
         _LIVE.add(self)
         _install_sigterm_handler()
 
@@ -92,6 +93,9 @@ class KernelProcess:
         else:
             _kill_group(process.pid)  # it died: kill what it left behind (a forked child holding the pipe)
         process.join(10)
+        if process.exitcode is not None:  # dead: nothing there can still read what it was sent
+            release_cuda_slots(self._cuda_slots)
+            self._cuda_slots = []
         self._conn.close()
         self._sock.close()
         self._conn = self._sock = None
@@ -127,7 +131,7 @@ class KernelProcess:
         request_id = self._next_id
         log_start = os.fstat(self._log.fileno()).st_size
         limit = timeout if timeout is not None else self.call_timeout
-        send(self._conn, self._sock, (request_id, op, args))
+        self._cuda_slots += send(self._conn, self._sock, (request_id, op, args))
         try:
             status, payload = self._wait(request_id, limit, log_start)
         except BaseException:
@@ -334,6 +338,18 @@ class _SharingPickler(reduction.ForkingPickler):
     def __init__(self, file):
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
         self.fds: list[int] = []
+        self.cuda_slots: list[tuple[bytes, int]] = []
+
+    def reducer_override(self, obj):
+        """A CUDA tensor as torch pickles it, its IPC reference-count slot noted (``release_cuda_slots``)."""
+        if not (isinstance(obj, torch.Tensor) and obj.is_cuda):
+            return NotImplemented
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
+
+        rebuild, args = reduce_tensor(obj)
+        if rebuild is rebuild_cuda_tensor and args[11] is not None:  # ref_counter_handle, ref_counter_offset
+            self.cuda_slots.append((args[11], args[12]))
+        return rebuild, args
 
     def persistent_id(self, obj):
         if type(obj) is torch.UntypedStorage and obj.device.type == "cpu" and obj.nbytes() > 0:
@@ -351,14 +367,53 @@ def connection_socket(conn) -> socket.socket:
     return socket.socket(fileno=os.dup(conn.fileno()))
 
 
-def send(conn, sock: socket.socket, obj) -> None:
-    """Pickle first (a failure sends nothing), then the message and its descriptors."""
+def send(conn, sock: socket.socket, obj) -> list[tuple[bytes, int]]:
+    """Pickle first (a failure sends nothing), then the message and its descriptors; the IPC
+    reference-count slots of the CUDA tensors it shares."""
     buffer = io.BytesIO()
     pickler = _SharingPickler(buffer)
     pickler.dump(obj)
     conn.send_bytes(len(pickler.fds).to_bytes(4, "little") + buffer.getbuffer())
     for i in range(0, len(pickler.fds), FD_BATCH):
         reduction.sendfds(sock, pickler.fds[i:i + FD_BATCH])
+    return pickler.cuda_slots
+
+
+# -- CUDA IPC memory of a process that is gone ------------------------------------------------------
+# torch frees a CUDA block it shared only once each receiver has dropped it: every share gets a counter
+# slot of its own (an int64 in a /dev/shm file named by the handle, after a 64-byte header), set to 1,
+# that the receiver decrements once, when it frees the tensor. A kernel process killed mid-call never
+# does, and the judge's inputs stayed allocated until the run ended (1.5 GiB per timed-out call of three
+# 0.5 GiB inputs, measured on an H100). So once the process is dead, the judge releases the slots it
+# sent there that still read 1. Never one that reads 0: a second decrement wraps it (torch reads it
+# unsigned), and the block would never be freed (pytorch/pytorch#149187).
+
+SLOT_HEADER_BYTES = 64  # the counter file's header (RefcountedMapAllocator's, map_alloc_alignment)
+
+
+def release_cuda_slots(slots) -> int:
+    """Release each of ``slots`` (``(handle, offset)`` pairs sent to a process that is now dead) that its
+    receiver did not, then let torch free the blocks no receiver holds; how many it released. A slot
+    whose file is gone (torch removes a file once all its slots are released) or that reads anything
+    but 1 is left alone."""
+    files: dict[bytes, set[int]] = {}
+    for handle, offset in slots:
+        files.setdefault(handle, set()).add(offset)
+    released = 0
+    for handle, offsets in files.items():
+        try:
+            with open(os.path.join("/dev/shm", handle.decode().lstrip("/")), "rb") as counters:
+                data = counters.read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for offset in sorted(offsets):
+            at = SLOT_HEADER_BYTES + 8 * offset
+            if int.from_bytes(data[at:at + 8], "little", signed=True) == 1:
+                torch.UntypedStorage._release_ipc_counter_cuda(handle, offset)
+                released += 1
+    if released and torch.cuda.is_initialized():
+        torch.cuda.ipc_collect()
+    return released
 
 
 def receive(conn, sock: socket.socket, unpickler, fd_wait: float):

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from conformance import isolation, kernel_side, results
+from conformance import isolation, kernel_client, kernel_side, results
 from conformance.backend import KernelCrashed, KernelTimedOut, run_kernel_side
 from conformance.case import Case
 from conformance.inputs import make_inputs
@@ -378,5 +379,109 @@ def test_the_judge_learns_that_a_backend_compiles_per_variant():
         specs = ["flex", "naive"]
         described = kernel.describe(specs)
         assert [kernel.backend(s, described[s]).compiled for s in specs] == [True, False]
+    finally:
+        kernel.close()
+
+
+def _counter_file(tmp_name: str, values: dict[int, int]):
+    """A CUDA IPC reference-count file as torch lays it out (a 64-byte header, then int64 slots)."""
+    path = Path("/dev/shm") / tmp_name
+    data = bytearray(kernel_client.SLOT_HEADER_BYTES + 8 * 16)
+    for slot, value in values.items():
+        at = kernel_client.SLOT_HEADER_BYTES + 8 * slot
+        data[at:at + 8] = value.to_bytes(8, "little", signed=True)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _slots_of(path: Path, slots) -> list[int]:
+    data = path.read_bytes()
+    return [int.from_bytes(data[kernel_client.SLOT_HEADER_BYTES + 8 * s:][:8], "little", signed=True) for s in slots]
+
+
+def _decrement_as_torch_does(monkeypatch, calls: list):
+    """torch's release (a CUDA build only): one non-atomic decrement of the slot, nothing if the file is gone."""
+    def release(handle: bytes, offset: int):
+        calls.append((handle, offset))
+        path = Path("/dev/shm") / handle.decode().lstrip("/")
+        if path.exists():
+            [value] = _slots_of(path, [offset])
+            data = bytearray(path.read_bytes())
+            at = kernel_client.SLOT_HEADER_BYTES + 8 * offset
+            data[at:at + 8] = (value - 1).to_bytes(8, "little", signed=True)
+            path.write_bytes(bytes(data))
+
+    monkeypatch.setattr(torch.UntypedStorage, "_release_ipc_counter_cuda", release, raising=False)
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="torch's IPC counters live in /dev/shm (Linux)")
+def test_a_dead_processs_cuda_ipc_slots_are_released_once_and_only_those_it_held(monkeypatch):
+    """A killed receiver never decrements its slots, so the judge's CUDA inputs stayed allocated (1.5 GiB per
+    timed-out call, H100). The judge releases the slots still at 1; one its receiver released (0) is left
+    alone, since a second decrement wraps it and the block is never freed; so is a file already gone."""
+    path = _counter_file(f"attn-conformance-test-{os.getpid()}", {0: 1, 1: 0, 2: 1, 3: -1})
+    handle = b"/" + path.name.encode()
+    calls = []
+    _decrement_as_torch_does(monkeypatch, calls)
+    try:
+        slots = [(handle, 0), (handle, 1), (handle, 2), (handle, 3), (b"/attn-conformance-gone", 0)]
+        assert kernel_client.release_cuda_slots(slots) == 2
+        assert calls == [(handle, 0), (handle, 2)]
+        assert _slots_of(path, [0, 1, 2, 3]) == [0, 0, 0, -1]
+        assert kernel_client.release_cuda_slots(slots) == 0  # released once: never wrapped below zero
+        assert _slots_of(path, [0, 1, 2, 3]) == [0, 0, 0, -1]
+    finally:
+        path.unlink()
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="torch's IPC counters live in /dev/shm (Linux)")
+def test_the_slots_sent_to_a_process_are_released_when_it_is_killed_not_before(monkeypatch, tmp_path):
+    """What a request shares (``send``'s slots) is released once its process is dead: after a timeout's kill,
+    not while the process lives."""
+    path = _counter_file(f"attn-conformance-test-{os.getpid()}", {5: 1})
+    handle = b"/" + path.name.encode()
+    calls = []
+    _decrement_as_torch_does(monkeypatch, calls)
+    real_send = kernel_client.send
+    monkeypatch.setattr(kernel_client, "send", lambda *a: real_send(*a) + [(handle, 5)])
+    (tmp_path / "k.py").write_text("import time\ndef hang(q, k, v, **kw): time.sleep(600)\n")
+    runner = isolation.Isolated(call_timeout=2)
+    try:
+        [row] = runner.describe([f"{tmp_path}/k.py:hang"])
+        assert calls == [] and _slots_of(path, [5]) == [1]  # the describe request's slot: its process lives
+        case = Case(batch=1, seqlen_q=4, seqlen_k=4, nheads=1, head_dim=8)
+        assert runner.run("forward", row.backend, case, "cpu", RunOptions()).outcome == "timed out"
+        assert calls == [(handle, 5)] and _slots_of(path, [5]) == [0]  # killed: released, once
+    finally:
+        runner.close()
+        path.unlink()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC: a GPU's")
+def test_a_killed_kernel_process_leaves_none_of_the_judges_cuda_inputs_allocated(tmp_path):
+    """On the GPU the kernel works on the judge's tensors through CUDA IPC. Each timed-out call kept its
+    inputs allocated until the run ended (1.5 GiB per call of three 0.5 GiB inputs, H100); released once
+    the process is dead, they are freed. The same tensor sent to a hung process, then to its
+    replacement, stays whole for the replacement: only the dead process's share is released."""
+    (tmp_path / "k.py").write_text("import time\n"
+                                   "def hang(q, k, v, **kw): time.sleep(600)\n"
+                                   "def doubles(q, k, v, **kw): return q * 2\n")
+    kernel = KernelProcess(call_timeout=3)
+    specs = [f"{tmp_path}/k.py:hang", f"{tmp_path}/k.py:doubles"]
+    described = kernel.describe(specs)
+    hang, doubles = (kernel.backend(spec, described[spec]).fn for spec in specs)
+    try:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for _ in range(2):
+            q, k, v = (torch.randn(1, 4096, 16, 128, device="cuda", dtype=torch.float16) for _ in range(3))
+            with pytest.raises(KernelTimedOut):
+                hang(q, k, v)
+            assert torch.equal(doubles(q, k, v), q * 2)  # a fresh process, on the tensors the dead one had
+            del q, k, v
+        kernel.close()
+        torch.cuda.synchronize()
+        torch.cuda.ipc_collect()
+        assert torch.cuda.memory_allocated() == before
     finally:
         kernel.close()
