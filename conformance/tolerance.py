@@ -110,6 +110,13 @@ class Comparison:
     bound: float
     torch_error: float
     nonfinite: int  # positions where actual and reference disagree about being finite
+    # a failed comparison's evidence of what went wrong: where the largest error is (an index into the
+    # compared tensor), its value and the reference's there, and how many values are past the bound (one
+    # corrupted value, or rows or the whole output)
+    worst: tuple[int, ...] = ()
+    worst_actual: float = 0.0
+    worst_reference: float = 0.0
+    past_bound: int = 0
 
     @property
     def passed(self) -> bool:
@@ -120,12 +127,16 @@ class Comparison:
             return (f"{self.name}: {self.nonfinite} values are non-finite where the reference is finite "
                     "(or finite where it is NaN)")
         verdict = "within" if self.passed else "EXCEEDS"
+        where = (f"; at {list(self.worst)} {self.worst_actual:.9g} against {self.worst_reference:.9g}, "
+                 f"{self.past_bound} value{'s' if self.past_bound != 1 else ''} past the bound") if self.worst else ""
         return (f"{self.name}: max abs error {self.error:.3e} {verdict} bound {self.bound:.3e} "
-                f"(PyTorch same-precision error {self.torch_error:.3e})")
+                f"(PyTorch same-precision error {self.torch_error:.3e}){where}")
 
     def as_dict(self) -> dict:
+        found = {"worst": list(self.worst), "worst_actual": self.worst_actual, "worst_reference": self.worst_reference,
+                 "past_bound": self.past_bound} if self.worst else {}
         return {"name": self.name, "error": self.error, "bound": self.bound, "torch_error": self.torch_error,
-                "nonfinite": self.nonfinite}
+                "nonfinite": self.nonfinite, **found}
 
 
 def ulp(dtype: torch.dtype, magnitude: float) -> float:
@@ -145,10 +156,15 @@ def bound(torch_error: float, magnitude: float, dtype: torch.dtype, multiple: fl
             + (math.sqrt(n) + APPROX_EXP_ULPS) * ulp(acc, magnitude) + (ulp(acc, logits) * magnitude if logits else 0.0))
 
 
+def _errors(actual: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """|actual - reference| where both are finite, 0 elsewhere (non-finite values are counted apart)."""
+    diff = actual.detach().to(reference.device, torch.float64) - reference  # a new tensor: changed in place
+    return diff.abs_().nan_to_num_(0.0, 0.0, 0.0)
+
+
 def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     """Largest |actual - reference| where both are finite (non-finite values are counted elsewhere)."""
-    diff = actual.detach().to(reference.device, torch.float64) - reference  # a new tensor: changed in place
-    return float(diff.abs_().nan_to_num_(0.0, 0.0, 0.0).max()) if diff.numel() else 0.0
+    return float(_errors(actual, reference).max()) if reference.numel() else 0.0
 
 
 def compare(name: str, actual: torch.Tensor, reference: torch.Tensor, torch_error: float, magnitude: float,
@@ -159,5 +175,13 @@ def compare(name: str, actual: torch.Tensor, reference: torch.Tensor, torch_erro
     ref_nan = torch.isnan(reference)
     nonfinite = int(((~torch.isfinite(actual)) & ~ref_nan).sum() + (ref_nan & ~torch.isnan(actual)).sum())
     value = float(reference.abs().nan_to_num_(0.0, 0.0, 0.0).max()) if reference.numel() else 0.0
-    return Comparison(name, max_abs_error(actual, reference),
-                      bound(torch_error, magnitude, dtype, multiple, n, value, logits), torch_error, nonfinite)
+    limit = bound(torch_error, magnitude, dtype, multiple, n, value, logits)
+    if not reference.numel():
+        return Comparison(name, 0.0, limit, torch_error, nonfinite)
+    errors = _errors(actual, reference)
+    error = float(errors.max())
+    if error <= limit:
+        return Comparison(name, error, limit, torch_error, nonfinite)
+    worst = tuple(int(i) for i in torch.unravel_index(errors.argmax(), errors.shape))
+    return Comparison(name, error, limit, torch_error, nonfinite, worst, float(actual[worst]), float(reference[worst]),
+                      int((errors > limit).sum()))

@@ -108,3 +108,37 @@ def test_max_abs_error_leaves_out_non_finite_differences():
     ref = torch.zeros(4, dtype=torch.float64)
     assert max_abs_error(torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0]), ref) == 1.0
     assert max_abs_error(torch.tensor([float("nan")]), ref[:1]) == 0.0
+
+
+def test_a_failed_comparison_says_where_its_worst_value_is_and_how_many_values_are_past_the_bound():
+    """One corrupted value and a wrong output look alike in the largest error; the failure tells them apart
+    (the position, the two values, the count past the bound), and keeps that through the journal."""
+    from conformance.tolerance import Comparison
+
+    ref = torch.randn(2, 16, 3, 8, dtype=torch.float64)
+    one = ref.float()
+    one[1, 9, 2, 5] += 0.01
+    single = compare("out", one, ref, 1e-7, 1.0, torch.float32, FORWARD_MULTIPLE, 16)
+    assert (single.worst, single.past_bound) == ((1, 9, 2, 5), 1)
+    assert single.worst_actual == float(one[1, 9, 2, 5]) and single.worst_reference == float(ref[1, 9, 2, 5])
+    assert "at [1, 9, 2, 5]" in single.describe() and "1 value past the bound" in single.describe()
+    assert Comparison(**single.as_dict()).describe() == single.describe()
+    everywhere = compare("out", (ref * 1.01).float(), ref, 1e-7, 1.0, torch.float32, FORWARD_MULTIPLE, 16)
+    assert everywhere.past_bound > 0.9 * ref.numel()
+    passed = compare("out", ref.float(), ref, 1e-7, 1.0, torch.float32, FORWARD_MULTIPLE, 16)
+    assert passed.worst == () and "past the bound" not in passed.describe() and "worst" not in passed.as_dict()
+
+
+def test_the_forward_checks_worst_value_is_placed_in_the_whole_output_under_a_causal_mask():
+    """Under a causal mask the output is compared per class of rows; the worst value's query row is still
+    the output's own, not its index within the class."""
+    from conformance.checks import forward
+    from conformance.expected import expected
+
+    case = Case(batch=1, seqlen_q=128, seqlen_k=128, nheads=2, head_dim=16, causal="bottom_right", seed=3)
+    exp = expected(case, "cpu", "zeros", False)
+    assert exp.out_classes is not None
+    out = exp.out.float()
+    out[0, 90, 1, 7] += 0.05  # in the class of rows seeing 64-128 keys, its 27th row
+    comparison, _ = forward._compare(out, exp, case)
+    assert not comparison.passed and comparison.worst == (0, 90, 1, 7)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import math
 
@@ -116,8 +118,11 @@ def _compare(out, exp, case: Case) -> tuple[Comparison, torch.Tensor | None]:
     for c in exp.out_classes:
         rows = f"query rows seeing {c.fewest}-{c.most} keys" if c.fewest < c.most else \
             f"query rows seeing {c.most} key{'s' if c.most != 1 else ''}" if c.most else "query rows seeing no key"
-        parts.append(compare(f"out ({rows})", out[:, c.rows], exp.out[:, c.rows], c.torch_error, c.magnitude,
-                             case.torch_dtype, FORWARD_MULTIPLE, n, exp.logit_magnitude))
+        part = compare(f"out ({rows})", out[:, c.rows], exp.out[:, c.rows], c.torch_error, c.magnitude,
+                       case.torch_dtype, FORWARD_MULTIPLE, n, exp.logit_magnitude)
+        if part.worst:  # its query row within the output, not within the class
+            part = dataclasses.replace(part, worst=(part.worst[0], int(c.rows[part.worst[1]]), *part.worst[2:]))
+        parts.append(part)
         bounds[:, c.rows.cpu()] = parts[-1].bound
     return max(parts, key=lambda c: math.inf if c.nonfinite else c.error / max(c.bound, 1e-300)), bounds
 
