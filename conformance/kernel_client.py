@@ -47,6 +47,7 @@ class KernelProcess:
         self._compile_clock = None  # the process's compile_clock.Clock
         self._log = None  # the process's log, open here; its name is removed once the process has opened it
         self._cuda_slots: list[tuple[bytes, int]] = []  # IPC reference-count slots of CUDA tensors sent there
+        self._stopped: list[tuple] = []  # (process, its slots) of processes stopped whose end is not yet seen
         _LIVE.add(self)
         _install_sigterm_handler()
 
@@ -93,13 +94,29 @@ class KernelProcess:
         else:
             _kill_group(process.pid)  # it died: kill what it left behind (a forked child holding the pipe)
         process.join(10)
-        if process.exitcode is not None:  # dead: nothing there can still read what it was sent
-            release_cuda_slots(self._cuda_slots)
-            self._cuda_slots = []
-        self._conn.close()
-        self._sock.close()
-        self._conn = self._sock = None
+        self._stopped.append((process, self._cuda_slots))
+        self._cuda_slots = []
+        try:
+            self._release_the_dead()
+        finally:
+            self._conn.close()
+            self._sock.close()
+            self._conn = self._sock = None
         return process.exitcode
+
+    def _release_the_dead(self) -> None:
+        """Release the CUDA IPC slots sent to stopped processes now known to be dead (nothing there can still
+        read what it was sent); one that outlived its stop's wait keeps them until a later stop sees it end."""
+        waiting = []
+        for process, slots in self._stopped:
+            if process.exitcode is None:
+                waiting.append((process, slots))
+                continue
+            try:
+                release_cuda_slots(slots)
+            except RuntimeError:  # torch's release refused: those blocks stay allocated, as without it
+                pass
+        self._stopped = waiting
 
     def _exit(self) -> None:
         """Ask a live process to exit, so that it releases what it received (CUDA IPC handles), then end it."""
@@ -131,12 +148,14 @@ class KernelProcess:
         request_id = self._next_id
         log_start = os.fstat(self._log.fileno()).st_size
         limit = timeout if timeout is not None else self.call_timeout
-        self._cuda_slots += send(self._conn, self._sock, (request_id, op, args))
         try:
+            send(self._conn, self._sock, (request_id, op, args), self._cuda_slots)
             status, payload = self._wait(request_id, limit, log_start)
         except BaseException:
-            self.stop()  # the reply, if it ever comes, belongs to nobody: never read it as the next one
+            self.stop()  # a message cut short, or a reply that belongs to nobody: the process goes
             raise
+        if len(self._cuda_slots) > SLOTS_KEPT:  # a long-lived process: forget the slots it released
+            self._cuda_slots = held_cuda_slots(self._cuda_slots)
         if status == "ok":
             if like is not None:
                 out, handle = payload
@@ -367,16 +386,21 @@ def connection_socket(conn) -> socket.socket:
     return socket.socket(fileno=os.dup(conn.fileno()))
 
 
-def send(conn, sock: socket.socket, obj) -> list[tuple[bytes, int]]:
-    """Pickle first (a failure sends nothing), then the message and its descriptors; the IPC
-    reference-count slots of the CUDA tensors it shares."""
+def send(conn, sock: socket.socket, obj, cuda_slots: list | None = None) -> None:
+    """Pickle first (a failure sends nothing), then the message and its descriptors. ``cuda_slots`` gets
+    the IPC reference-count slots of the CUDA tensors the message shares, before any of it is sent."""
     buffer = io.BytesIO()
     pickler = _SharingPickler(buffer)
-    pickler.dump(obj)
+    try:
+        pickler.dump(obj)
+    except BaseException:
+        release_cuda_slots(pickler.cuda_slots)  # shared, never sent: no receiver will release them
+        raise
+    if cuda_slots is not None:
+        cuda_slots += pickler.cuda_slots
     conn.send_bytes(len(pickler.fds).to_bytes(4, "little") + buffer.getbuffer())
     for i in range(0, len(pickler.fds), FD_BATCH):
         reduction.sendfds(sock, pickler.fds[i:i + FD_BATCH])
-    return pickler.cuda_slots
 
 
 # -- CUDA IPC memory of a process that is gone ------------------------------------------------------
@@ -389,17 +413,17 @@ def send(conn, sock: socket.socket, obj) -> list[tuple[bytes, int]]:
 # unsigned), and the block would never be freed (pytorch/pytorch#149187).
 
 SLOT_HEADER_BYTES = 64  # the counter file's header (RefcountedMapAllocator's, map_alloc_alignment)
+SLOTS_KEPT = 4096  # past this many noted for one process, those its receiver released are forgotten
 
 
-def release_cuda_slots(slots) -> int:
-    """Release each of ``slots`` (``(handle, offset)`` pairs sent to a process that is now dead) that its
-    receiver did not, then let torch free the blocks no receiver holds; how many it released. A slot
-    whose file is gone (torch removes a file once all its slots are released) or that reads anything
-    but 1 is left alone."""
+def held_cuda_slots(slots) -> list[tuple[bytes, int]]:
+    """The slots of ``slots`` that still read 1: not released by their receiver (0 is final: torch never
+    reuses a slot). One whose file is gone (torch removes a file once all its slots are released), or
+    that reads anything else, is not held."""
     files: dict[bytes, set[int]] = {}
     for handle, offset in slots:
         files.setdefault(handle, set()).add(offset)
-    released = 0
+    held = []
     for handle, offsets in files.items():
         try:
             with open(os.path.join("/dev/shm", handle.decode().lstrip("/")), "rb") as counters:
@@ -409,11 +433,19 @@ def release_cuda_slots(slots) -> int:
         for offset in sorted(offsets):
             at = SLOT_HEADER_BYTES + 8 * offset
             if int.from_bytes(data[at:at + 8], "little", signed=True) == 1:
-                torch.UntypedStorage._release_ipc_counter_cuda(handle, offset)
-                released += 1
-    if released and torch.cuda.is_initialized():
+                held.append((handle, offset))
+    return held
+
+
+def release_cuda_slots(slots) -> int:
+    """Release each of ``slots`` that its receiver did not (``held_cuda_slots``): they were sent to a process
+    now dead, or never sent. Then torch frees the blocks no receiver holds. How many it released."""
+    held = held_cuda_slots(slots)
+    for handle, offset in held:
+        torch.UntypedStorage._release_ipc_counter_cuda(handle, offset)
+    if held and torch.cuda.is_initialized():
         torch.cuda.ipc_collect()
-    return released
+    return len(held)
 
 
 def receive(conn, sock: socket.socket, unpickler, fd_wait: float):

@@ -443,7 +443,13 @@ def test_the_slots_sent_to_a_process_are_released_when_it_is_killed_not_before(m
     calls = []
     _decrement_as_torch_does(monkeypatch, calls)
     real_send = kernel_client.send
-    monkeypatch.setattr(kernel_client, "send", lambda *a: real_send(*a) + [(handle, 5)])
+
+    def send(conn, sock, obj, cuda_slots=None):  # as if each request shared a CUDA tensor with that slot
+        real_send(conn, sock, obj, cuda_slots)
+        if cuda_slots is not None:
+            cuda_slots.append((handle, 5))
+
+    monkeypatch.setattr(kernel_client, "send", send)
     (tmp_path / "k.py").write_text("import time\ndef hang(q, k, v, **kw): time.sleep(600)\n")
     runner = isolation.Isolated(call_timeout=2)
     try:
