@@ -118,6 +118,9 @@ class Comparison:
     worst_reference: float = 0.0
     past_bound: int = 0
 
+    def __post_init__(self):
+        object.__setattr__(self, "worst", tuple(self.worst))  # a list when read back from the journal
+
     @property
     def passed(self) -> bool:
         return self.nonfinite == 0 and self.error <= self.bound
@@ -168,9 +171,10 @@ def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def compare(name: str, actual: torch.Tensor, reference: torch.Tensor, torch_error: float, magnitude: float,
-            dtype: torch.dtype, multiple: float, n: int, logits: float = 0.0) -> Comparison:
+            dtype: torch.dtype, multiple: float, n: int, logits: float = 0.0, at: tuple[int, ...] = ()) -> Comparison:
     """Apply the rule to one tensor: ``reference`` is float64, ``torch_error``, ``magnitude`` (T) and
-    ``logits`` (L) as defined above."""
+    ``logits`` (L) as defined above. ``at``: where the compared part starts in the output the kernel
+    returned (its first dimensions), so that a failure's worst value is placed in that output."""
     actual = actual.detach().to(reference.device, torch.float64)
     ref_nan = torch.isnan(reference)
     nonfinite = int(((~torch.isfinite(actual)) & ~ref_nan).sum() + (ref_nan & ~torch.isnan(actual)).sum())
@@ -183,5 +187,6 @@ def compare(name: str, actual: torch.Tensor, reference: torch.Tensor, torch_erro
     if error <= limit:
         return Comparison(name, error, limit, torch_error, nonfinite)
     worst = tuple(int(i) for i in torch.unravel_index(errors.argmax(), errors.shape))
-    return Comparison(name, error, limit, torch_error, nonfinite, worst, float(actual[worst]), float(reference[worst]),
+    placed = tuple(i + (at[d] if d < len(at) else 0) for d, i in enumerate(worst))
+    return Comparison(name, error, limit, torch_error, nonfinite, placed, float(actual[worst]), float(reference[worst]),
                       int((errors > limit).sum()))

@@ -122,7 +122,9 @@ def test_a_failed_comparison_says_where_its_worst_value_is_and_how_many_values_a
     assert (single.worst, single.past_bound) == ((1, 9, 2, 5), 1)
     assert single.worst_actual == float(one[1, 9, 2, 5]) and single.worst_reference == float(ref[1, 9, 2, 5])
     assert "at [1, 9, 2, 5]" in single.describe() and "1 value past the bound" in single.describe()
-    assert Comparison(**single.as_dict()).describe() == single.describe()
+    assert Comparison(**single.as_dict()) == single  # through the journal, the position stays a tuple
+    shifted = compare("out", one, ref, 1e-7, 1.0, torch.float32, FORWARD_MULTIPLE, 16, at=(3, 100))
+    assert shifted.worst == (4, 109, 2, 5)  # a part starting at batch 3, row 100 of the kernel's output
     everywhere = compare("out", (ref * 1.01).float(), ref, 1e-7, 1.0, torch.float32, FORWARD_MULTIPLE, 16)
     assert everywhere.past_bound > 0.9 * ref.numel()
     passed = compare("out", ref.float(), ref, 1e-7, 1.0, torch.float32, FORWARD_MULTIPLE, 16)

@@ -139,7 +139,7 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
                            backend.capabilities.masked_rows, False, backend.capabilities.accumulation)
         verdict.add("kvcache-reference", compare(f"batch item {b} ({n} cached + {sq} new)", out[b: b + 1], exp.out,
                                                  exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
-                                                 FORWARD_MULTIPLE, n + sq, exp.logit_magnitude))
+                                                 FORWARD_MULTIPLE, n + sq, exp.logit_magnitude, at=(b,)))
     return verdict
 
 
@@ -183,7 +183,7 @@ def _run_mixed(backend: Backend, case: Case, device: str, verdict: Verdict) -> V
         verdict.add("kvcache-reference", compare(f"batch item {b}, {kind} ({t - m} cached + {m} new)",
                                                  out[bounds[b]: bounds[b + 1]].unsqueeze(0), exp.out,
                                                  exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
-                                                 FORWARD_MULTIPLE, t, exp.logit_magnitude))
+                                                 FORWARD_MULTIPLE, t, exp.logit_magnitude, at=(0, bounds[b])))
     return verdict
 
 

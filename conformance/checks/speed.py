@@ -211,11 +211,11 @@ def check_timed(timed: dict, backends: dict[str, Backend], case: Case, mode: str
                 what = f"{mode} timed call {i} of {label} {backend.name}, rows {block.start}-{block.start + block.rows - 1}"
                 verdict.add("timed-output", compare(f"{what}: output", out, exp.out, exp.out_torch_error,
                                                     exp.out_magnitude, case.torch_dtype, FORWARD_MULTIPLE, n,
-                                                    exp.logit_magnitude))
+                                                    exp.logit_magnitude, at=(0, block.start)))
                 if dq is not None:
                     verdict.add("timed-output", compare(f"{what}: dq", dq, exp.grads[0], exp.grad_torch_errors[0],
                                                         exp.grad_magnitudes[0], case.torch_dtype, GRADIENT_MULTIPLE, n,
-                                                        exp.logit_magnitude))
+                                                        exp.logit_magnitude, at=(0, block.start)))
 
 
 def measure(backends: dict[str, Backend], case: Case, device: str, mode: str, verdict: Verdict,

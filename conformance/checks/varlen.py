@@ -67,7 +67,7 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
         exp = expected_for(own, sub, backend.capabilities.masked_rows, False, backend.capabilities.accumulation)
         verdict.add("varlen-reference", compare(f"sequence {i} (length {n})", out[bounds[i]: bounds[i + 1]].unsqueeze(0),
                                                exp.out, exp.out_torch_error, exp.out_magnitude, case.torch_dtype,
-                                               FORWARD_MULTIPLE, n, exp.logit_magnitude))
+                                               FORWARD_MULTIPLE, n, exp.logit_magnitude, at=(0, bounds[i])))
     changed = len(lens) // 2  # replace this sequence's tokens; every other sequence must be untouched
     with torch.no_grad():
         gen = torch.Generator().manual_seed(case.seed + 11)
