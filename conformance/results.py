@@ -29,6 +29,21 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "attention_conformance": __version__}
 
 
+def machine() -> dict:
+    """The CPU the judge ran on and torch's threads there: a result seen once, on one machine, may be that
+    machine's (a fresh VM can land on another host), and a journal that names it can say so."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform()}
+
+
 class Journal:
     """Appends records to a JSON-lines file: started afresh by a run, or (``append``, a rerun of some
     cases or checks) continued after the runs already there, each run under its own run id."""
@@ -42,7 +57,7 @@ class Journal:
         if torn:  # a run killed while writing its last line: that line stays torn, on a line of its own
             self._file.write("\n")
         self.write({"record": "run", "schema": SCHEMA, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "argv": sys.argv, "versions": versions(), **header})
+                    "argv": sys.argv, "versions": versions(), "machine": machine(), **header})
 
     def write(self, record: dict) -> None:
         record.setdefault("run_id", self.run_id)

@@ -67,6 +67,7 @@ def test_builtin_backend_run_prints_table_and_writes_journal(pytester):
                                  f"naive*{n_forward}/0/0*{n_sanity}/0/0*pass*", "results journal: conformance-results.jsonl"])
     records = journal(pytester)
     assert records[0]["record"] == "run" and records[0]["device"] == "cpu" and "torch" in records[0]["versions"]
+    assert records[0]["machine"]["cpus"] >= 1 and records[0]["machine"]["torch_threads"] >= 1 and records[0]["machine"]["cpu"]
     cases = records[1:-1]
     assert records[-1]["record"] == "end" and records[-1]["exitstatus"] == 0
     assert len(cases) == n_forward + n_sanity and {r["check"] for r in cases} == {"forward", "sanity"}
