@@ -111,8 +111,8 @@ class Comparison:
     torch_error: float
     nonfinite: int  # positions where actual and reference disagree about being finite
     # a failed comparison's evidence of what went wrong: where the largest error is (an index into the
-    # compared tensor), its value and the reference's there, and how many values are past the bound (one
-    # corrupted value, or rows or the whole output)
+    # output the kernel returned), its value and the reference's there, and how many values are past the
+    # bound (one corrupted value, or rows or the whole output)
     worst: tuple[int, ...] = ()
     worst_actual: float = 0.0
     worst_reference: float = 0.0
@@ -167,7 +167,8 @@ def _errors(actual: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     """Largest |actual - reference| where both are finite (non-finite values are counted elsewhere)."""
-    return float(_errors(actual, reference).max()) if reference.numel() else 0.0
+    errors = _errors(actual, reference)
+    return float(errors.max()) if errors.numel() else 0.0
 
 
 def compare(name: str, actual: torch.Tensor, reference: torch.Tensor, torch_error: float, magnitude: float,
@@ -180,10 +181,8 @@ def compare(name: str, actual: torch.Tensor, reference: torch.Tensor, torch_erro
     nonfinite = int(((~torch.isfinite(actual)) & ~ref_nan).sum() + (ref_nan & ~torch.isnan(actual)).sum())
     value = float(reference.abs().nan_to_num_(0.0, 0.0, 0.0).max()) if reference.numel() else 0.0
     limit = bound(torch_error, magnitude, dtype, multiple, n, value, logits)
-    if not reference.numel():
-        return Comparison(name, 0.0, limit, torch_error, nonfinite)
     errors = _errors(actual, reference)
-    error = float(errors.max())
+    error = float(errors.max()) if errors.numel() else 0.0
     if error <= limit:
         return Comparison(name, error, limit, torch_error, nonfinite)
     worst = tuple(int(i) for i in torch.unravel_index(errors.argmax(), errors.shape))
