@@ -12,6 +12,7 @@ reference) never counts against it.
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import multiprocessing
 import os
@@ -332,7 +333,64 @@ def _rebuild_cuda_tensor_unsynced(*args):
 
     if len(args) != 15:
         raise pickle.UnpicklingError(f"rebuild_cuda_tensor with {len(args)} arguments, not 15")
-    return rebuild_cuda_tensor(*args[:-1], False)
+    tensor = rebuild_cuda_tensor(*args[:-1], False)
+    storage = tensor.untyped_storage()
+    if storage.nbytes():
+        pointer = storage.data_ptr()
+        outside = outside_its_allocation(pointer, storage.nbytes(), args[9], allocation_of(pointer, storage.device))
+        if outside:
+            raise pickle.UnpicklingError(f"a CUDA storage {outside}")
+    return tensor
+
+
+# A CUDA storage arrives as an IPC handle, the storage's offset into the allocation the handle maps, and its
+# size: torch maps the allocation and takes the size as told. A size past the allocation's end lets a
+# tensor on it (its view is checked against that size only) reach memory the kernel never shared: the
+# judge's copy of it would fault (and a fault ends the judge's CUDA context) or read the judge's own
+# memory. So its extent is checked against what the driver says the allocation is, as storage_from_fd
+# checks a CPU storage against its shared memory's size.
+
+def outside_its_allocation(pointer: int, nbytes: int, offset: int, allocation: tuple[int, int] | None) -> str:
+    """Why a storage of ``nbytes`` at ``pointer``, said to lie ``offset`` bytes into the allocation its
+    handle mapped, does not lie within that allocation (``allocation``: the (base, size) of the one that
+    holds ``pointer``, None for none); "" when it does."""
+    if allocation is None:
+        return f"at {pointer:#x}, in no allocation of the device"
+    base, size = allocation
+    if pointer - offset != base:
+        return f"said to start {offset} bytes into its allocation lies in another, {pointer - base} bytes into it"
+    if offset + nbytes > size:
+        return f"of {nbytes} bytes, {offset} bytes into an allocation of {size} bytes, ends past it"
+    return ""
+
+
+def allocation_of(pointer: int, device: torch.device) -> tuple[int, int] | None:
+    """(base, size) of the device allocation that holds ``pointer``, from the driver (cuMemGetAddressRange);
+    None where none does."""
+    import ctypes
+
+    try:
+        driver = _driver()
+    except OSError as exc:  # no driver to ask: the storage cannot be checked, so it is not taken
+        raise pickle.UnpicklingError(f"a CUDA storage that cannot be checked ({exc})") from None
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    with torch.cuda.device(device):  # the device's context current for the driver call
+        status = driver.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(pointer))
+    if status == CUDA_ERROR_NOT_FOUND:
+        return None
+    if status != 0:
+        raise pickle.UnpicklingError(f"cuMemGetAddressRange failed with CUDA driver error {status}")
+    return base.value, size.value
+
+
+CUDA_ERROR_NOT_FOUND = 500
+
+
+@functools.cache
+def _driver():
+    import ctypes
+
+    return ctypes.CDLL("libcuda.so.1")  # loaded by torch already: the same library
 
 
 # -- the wire -------------------------------------------------------------------------------------

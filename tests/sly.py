@@ -131,5 +131,30 @@ def returns_a_huge_view(q, k, v, **kwargs):
     return torch.zeros(1, dtype=q.dtype).expand(10**6, 10**6)
 
 
+def claims_memory_it_never_shared(q, k, v, **kwargs):
+    """Right, but its process' reply says its output's storage is 1 GiB larger than the allocation it shares,
+    and puts the output's view in that part: copying it reads memory the kernel never shared."""
+    from conformance import kernel_client
+
+    original = kernel_client._SharingPickler.reducer_override
+
+    def reducer_override(self, obj):
+        reduced = original(self, obj)
+        if reduced is NotImplemented:
+            return reduced
+        rebuild, args = reduced
+        args = list(args)
+        args[8] += 2**30  # storage_size_bytes
+        args[3] += 2**30 // obj.element_size()  # the view's offset, in elements, into the claimed part
+        return rebuild, tuple(args)
+
+    kernel_client._SharingPickler.reducer_override = reducer_override
+    return naive.attention(q, k, v, **kwargs)
+
+
+claims_memory_it_never_shared.conformance_capabilities = {"dtypes": ["fp16", "fp32"], "causal": [], "backward": False,
+                                                          "devices": ["cuda"]}
+
+
 for _fn in (refuses_what_it_gets_wrong, returns_a_huge_view):
     _fn.conformance_capabilities = {"dtypes": ["fp32", "fp64"], "causal": [], "backward": False}

@@ -363,11 +363,45 @@ def test_the_judge_never_waits_on_an_event_of_the_kernels_process(monkeypatch):
 
     data = pickle.dumps(Reply())
     seen = []
-    monkeypatch.setattr(reductions, "rebuild_cuda_tensor", lambda *a: seen.append(a) or "rebuilt")
-    assert kc._ReplyUnpickler(io.BytesIO(data)).load() == "rebuilt"
+    rebuilt = torch.empty(0)  # no memory: nothing for the storage check below to ask the driver
+    monkeypatch.setattr(reductions, "rebuild_cuda_tensor", lambda *a: seen.append(a) or rebuilt)
+    assert kc._ReplyUnpickler(io.BytesIO(data)).load() is rebuilt
     assert seen == [args[:-1] + (False,)]
     with pytest.raises(pickle.UnpicklingError, match="14 arguments"):
         kc._rebuild_cuda_tensor_unsynced(*args[:-1])
+
+
+def test_a_cuda_storage_is_taken_only_within_the_allocation_its_handle_maps(monkeypatch):
+    """torch maps a CUDA IPC handle's allocation and takes the storage's size and offset as told; a reply
+    claiming more lets a view reach memory never shared (the judge's copy faults, or reads its own
+    memory). The extent is checked against the driver's (base, size) of the allocation holding it."""
+    from conformance.kernel_client import outside_its_allocation
+
+    base, size = 0x7000_0000, 2 << 20
+    assert outside_its_allocation(base + 512, 1024, 512, (base, size)) == ""
+    assert outside_its_allocation(base, size, 0, (base, size)) == ""
+    assert "ends past it" in outside_its_allocation(base + 512, size, 512, (base, size))
+    assert "lies in another" in outside_its_allocation(base + 4096, 16, 512, (base, size))  # an adjacent one
+    assert "no allocation" in outside_its_allocation(base + 512, 16, 512, None)
+
+    import io
+    import pickle
+
+    import torch.multiprocessing.reductions as reductions
+    from conformance import kernel_client as kc
+
+    rebuilt = torch.ones(4)
+    monkeypatch.setattr(reductions, "rebuild_cuda_tensor", lambda *a: rebuilt)
+    pointer = rebuilt.untyped_storage().data_ptr()
+    args = (torch.Tensor, (4,), (1,), 0, torch.UntypedStorage, torch.float32, 0, b"handle", 16, 64, False, b"c", 0,
+            b"event", True)
+    for allocation, taken in (((pointer - 64, 80), True), ((pointer - 64, 79), False), (None, False)):
+        monkeypatch.setattr(kc, "allocation_of", lambda p, device, a=allocation: a)
+        if taken:
+            assert kc._rebuild_cuda_tensor_unsynced(*args) is rebuilt
+        else:
+            with pytest.raises(pickle.UnpicklingError, match="a CUDA storage"):
+                kc._rebuild_cuda_tensor_unsynced(*args)
 
 
 def test_the_judge_learns_that_a_backend_compiles_per_variant():
@@ -491,3 +525,19 @@ def test_a_killed_kernel_process_leaves_none_of_the_judges_cuda_inputs_allocated
         assert torch.cuda.memory_allocated() == before
     finally:
         kernel.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC: a GPU's")
+def test_a_cuda_reply_claiming_memory_it_never_shared_is_refused_and_the_judge_goes_on(pytester):
+    """The kernel patches its process' reply: its output's storage claimed 1 GiB larger and the view moved
+    into the claimed part. Copied, it would read past the allocation the kernel shared (a fault ends the
+    judge's CUDA context). Refused as not following the convention; the next backend's cases, judged in
+    the same process, pass."""
+    case = "b2_q128_k128_h4_d64_fp16_seed1"
+    result, journal = run_sly(pytester, "claims_memory_it_never_shared,sdpa-math", "--check=forward", f"--case={case}",
+                              "--device=cuda")
+    outcomes = {r["backend"]: r for r in journal.cases}
+    sly = outcomes["sly.py:claims_memory_it_never_shared"]
+    assert sly["findings"][0]["property"] == "contract" and "a CUDA storage" in sly["findings"][0]["message"], sly
+    assert outcomes["sdpa-math"]["outcome"] == "passed", outcomes["sdpa-math"]
+
