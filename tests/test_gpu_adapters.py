@@ -90,18 +90,39 @@ def test_flex_adapter_never_captures_one_tensor_for_two_parameters():
     assert len({id(t) for t in captured}) == len(captured)
 
 
+@pytest.mark.parametrize("causal,alignment,window,sq,sk", [
+    (True, "bottom_right", (-1, -1), 1000, 700), (True, "top_left", (-1, -1), 700, 1000),
+    (False, "bottom_right", (200, 0), 1100, 1100), (True, "bottom_right", (300, -1), 640, 1000),
+    (False, "bottom_right", (0, 150), 513, 256)])
+def test_flex_builds_a_block_mask_in_chunks_as_it_would_in_one_piece(monkeypatch, causal, alignment, window, sq, sk):
+    """Built in chunks of whole query blocks (bounded memory at any length, nothing compiled), the block mask
+    is the one create_block_mask builds in one piece: every block count and index, both directions; here in
+    chunks of one and of two query blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask_mod = flex._mask_mod(causal, alignment, window, sq, sk, torch.device("cpu"))
+    whole = create_block_mask(mask_mod, None, None, sq, sk, device="cpu")
+    fields = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+              "full_q_num_blocks", "full_q_indices")
+    for rows in (flex.BLOCK, 2 * flex.BLOCK):
+        monkeypatch.setattr(flex, "MASK_CHUNK_VALUES", rows * sk)
+        chunked = flex._built_in_chunks(mask_mod, sq, sk, torch.device("cpu"))
+        assert chunked.seq_lengths == whole.seq_lengths and chunked.mask_mod is mask_mod
+        for name in fields:
+            assert torch.equal(getattr(chunked, name), getattr(whole, name)), (rows, name)
+
+
 def test_compiled_flex_never_falls_back_to_eager_flex_attention(monkeypatch):
     """Past dynamo's recompile limit torch.compile quietly runs a function eagerly; for flex_attention that is
     the unfused reference (N^2 memory), which the suite would then judge instead of the compiled kernel.
-    Compiling flex_attention (and the large masks' create_block_mask) raises the limit past a run's variants
-    and makes reaching it an error."""
+    Compiling flex_attention raises the limit past a run's variants and makes reaching it an error."""
     config = torch._dynamo.config
     default = dict(recompile_limit=8, accumulated_recompile_limit=256, fail_on_recompile_limit_hit=False)
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # what the adapter compiles, not compiled here
-    for compiled, args in ((flex._flex, (False,)), (flex._flex, (True,)), (flex._compiled_create_block_mask, ())):
+    for static in (False, True):
         with config.patch(**default):
-            compiled.__wrapped__(*args)
+            flex._flex.__wrapped__(static)
             assert config.recompile_limit >= flex.RECOMPILE_LIMIT <= config.accumulated_recompile_limit
             assert config.fail_on_recompile_limit_hit
     with config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):  # what reaching it then does

@@ -65,15 +65,28 @@ def _flex(static: bool):
 
 
 BACKWARD_DEVICES = ("cuda",)  # where flex_attention has a backward (on the CPU it raises)
-COMPILED_MASK_FROM = 2**24  # seqlen_q * seqlen_k from which a mask is built compiled (eagerly: ~160 MB)
+MASK_CHUNK_VALUES = 2**24  # mask values one step of building a block mask evaluates (with its indices ~160 MB)
+BLOCK = 128  # flex_attention's default block size, the block mask's
 
 
-@functools.cache
-def _compiled_create_block_mask():
-    from torch.nn.attention.flex_attention import create_block_mask
+def _built_in_chunks(mask_mod, sq: int, sk: int, device: torch.device):
+    """create_block_mask, run over chunks of whole query blocks of at most MASK_CHUNK_VALUES mask values
+    each, their blocks joined into one BlockMask (as create_block_mask joins its own, from_kv_blocks).
+    Built in one piece, create_block_mask materialises the whole seqlen_q x seqlen_k mask (the memory check
+    measured 40 GB at 65536 tokens on an H100: quadratic); compiled, as PyTorch advises for large masks, it
+    compiled for minutes: on an H100 (torch 2.11, empty caches) 200 s of the 243 s the causal speed case at
+    16384 tokens took went to compiling the mask's kernels (most of it in ptxas), in every fresh process of
+    the speed check that missed the cache. In chunks, the memory is one chunk's, whatever the length."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-    _no_eager_fallback()
-    return torch.compile(create_block_mask)  # fused: never holds the dense mask (PyTorch's advice)
+    rows = max(BLOCK, MASK_CHUNK_VALUES // max(sk, 1) // BLOCK * BLOCK)
+    if rows >= sq:
+        return create_block_mask(mask_mod, None, None, sq, sk, device=device)
+    parts = [create_block_mask(lambda b, h, qi, ki, start=start: mask_mod(b, h, qi + start, ki), None, None,
+                               min(rows, sq - start), sk, device=device) for start in range(0, sq, rows)]
+    joined = [torch.cat([getattr(p, name) for p in parts], dim=2)  # (batch, heads, query blocks[, kv blocks])
+              for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")]
+    return BlockMask.from_kv_blocks(*joined, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(sq, sk))
 
 
 @functools.lru_cache(maxsize=1024, typed=True)  # 5 and 5.0 are tensors of two dtypes
@@ -108,18 +121,10 @@ def _mask_mod(causal: bool, alignment: str, window_size: tuple, sq: int, sk: int
 @functools.lru_cache(maxsize=64)
 def _block_mask(causal: bool, alignment: str, window_size: tuple, sq: int, sk: int, device: torch.device):
     """Built once per mask and shape, as a model builds it once per batch, not on every call: building it
-    costs milliseconds (measured on an H100: it tripled the timed causal forward at 4096 tokens). On CUDA
-    the building of large masks is compiled: built eagerly it materialises the whole seqlen_q x seqlen_k
-    mask (the memory check measured 40 GB at 65536 tokens, quadratic growth, on an H100); small ones are
-    built eagerly, since compiling costs 3 to 7 s per new shape."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+    costs milliseconds (measured on an H100: it tripled the timed causal forward at 4096 tokens). Built
+    in chunks (``_built_in_chunks``), never compiled."""
     mask_mod = _mask_mod(causal, alignment, window_size, sq, sk, device)
-    if mask_mod is None:
-        return None
-    large = sq * sk >= COMPILED_MASK_FROM
-    build = _compiled_create_block_mask() if device.type == "cuda" and large else create_block_mask
-    return build(mask_mod, None, None, sq, sk, device=device)
+    return None if mask_mod is None else _built_in_chunks(mask_mod, sq, sk, device)
 
 
 def attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
