@@ -5,7 +5,8 @@
   object a ``Backend`` or a function in flash-attn's convention;
 - ``path/to/file.py:function`` or ``package.module:function``: a user's function, with no
   registration code. It is assumed to support what ``flash_attn_func`` does (``Capabilities()``'s
-  defaults), narrowed or widened by a dict attribute ``conformance_capabilities`` on the function.
+  defaults), narrowed or widened by a dict attribute ``conformance_capabilities`` on the function;
+  ``conformance_compiled = True`` on it says it compiles per variant (``Backend.compiled``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ BUILTIN = {
 }
 ENTRY_POINT_GROUP = "attention_conformance.backends"
 CAPABILITIES_ATTRIBUTE = "conformance_capabilities"
+COMPILED_ATTRIBUTE = "conformance_compiled"
 
 
 class BackendNotFound(Exception):
@@ -52,7 +54,9 @@ def known_names() -> list[str]:
 
 
 def from_function(fn, name: str) -> Backend:
-    """A Backend for a plain function, declared by its ``conformance_capabilities`` dict if it has one."""
+    """A Backend for a plain function, declared by its ``conformance_capabilities`` dict if it has one, and
+    compiled per variant if its ``conformance_compiled`` says so (a torch.compile'd or Triton kernel: its
+    fuzz tests then draw the grid's variants, each of which it compiles anyway)."""
     if not callable(fn):
         raise BackendNotFound(f"{name!r} is a {type(fn).__name__}, not a callable")
     declared = getattr(fn, CAPABILITIES_ATTRIBUTE, None) or {}
@@ -62,8 +66,11 @@ def from_function(fn, name: str) -> Backend:
         capabilities = Capabilities().updated(declared)
     except (TypeError, ValueError) as exc:
         raise BackendNotFound(f"{name}: invalid {CAPABILITIES_ATTRIBUTE}: {exc}") from None
+    compiled = getattr(fn, COMPILED_ATTRIBUTE, False)
+    if not isinstance(compiled, bool):
+        raise BackendNotFound(f"{name}: {COMPILED_ATTRIBUTE} must be True or False, not {compiled!r}")
     return Backend(name=name, fn=fn, capabilities=capabilities, description=(fn.__doc__ or "").strip().split("\n")[0],
-                   may_refuse=False)
+                   may_refuse=False, compiled=compiled)
 
 
 def _import_string(spec: str):

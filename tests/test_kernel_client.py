@@ -404,15 +404,17 @@ def test_a_cuda_storage_is_taken_only_within_the_allocation_its_handle_maps(monk
                 kc._rebuild_cuda_tensor_unsynced(*args)
 
 
-def test_the_judge_learns_that_a_backend_compiles_per_variant():
+def test_the_judge_learns_that_a_backend_compiles_per_variant(tmp_path):
     """The fuzz test draws a compiled backend's variants from the grid's (fuzz.py): the judge
     must learn ``compiled`` from the kernel's process, where the backend is loaded (flex is declared
-    there on a machine without CUDA too, unavailable)."""
+    there on a machine without CUDA too, unavailable); a plain function says it with an attribute."""
+    (tmp_path / "k.py").write_text("def mine(q, k, v, **kw): return q\nmine.conformance_compiled = True\n"
+                                   "def plain(q, k, v, **kw): return q\n")
     kernel = KernelProcess(call_timeout=60)
     try:
-        specs = ["flex", "naive"]
+        specs = ["flex", "naive", f"{tmp_path}/k.py:mine", f"{tmp_path}/k.py:plain"]
         described = kernel.describe(specs)
-        assert [kernel.backend(s, described[s]).compiled for s in specs] == [True, False]
+        assert [kernel.backend(s, described[s]).compiled for s in specs] == [True, False, True, False]
     finally:
         kernel.close()
 

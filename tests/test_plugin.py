@@ -119,6 +119,10 @@ def test_bad_declaration_is_a_usage_error(pytester):
     result = pytester.runpytest(*SUITE, "--backend=kern.py:f")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*invalid conformance_capabilities: unknown capability keys ?'dtype'?; known keys: devices, dtypes*"])
+    pytester.makepyfile(kern2="def f(q, k, v, **kw):\n    return q\nf.conformance_compiled = 'yes'\n")
+    result = pytester.runpytest(*SUITE, "--backend=kern2.py:f")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*conformance_compiled must be True or False, not 'yes'*"])
 
 
 @pytest.mark.parametrize("args, message", [
