@@ -184,12 +184,12 @@ class KernelProcess:
         while True:
             if self._conn.poll(POLL_S):
                 try:
-                    reply_id, status, payload = receive(self._conn, self._sock, _ReplyUnpickler,
+                    reply_id, status, payload = receive(self._conn, self._sock, self._unpickler,
                                                         max(POLL_S, (limit or STARTUP_LIMIT) - waited))
                 except (EOFError, OSError):  # the process died mid-call: its end of the pipe closed
                     self._process.join(10)
                     raise KernelCrashed(self._death(log_start)) from None
-                except (pickle.UnpicklingError, ValueError, TypeError, RuntimeError, ProtocolError) as exc:
+                except Exception as exc:  # noqa: BLE001 - a reply that does not load is not a reply, whatever it raised
                     self.stop()
                     raise ContractError(f"the kernel's process sent something other than tensors and plain data "
                                         f"({exc}); the judge does not load it") from None
@@ -207,6 +207,9 @@ class KernelProcess:
                 self.stop()
                 raise KernelTimedOut(f"one call into the kernel did not return within {limit:g} s{spent} (a hang "
                                      "detector, not a speed verdict: --case-timeout); its process was killed")
+
+    def _unpickler(self, file, fds) -> _ReplyUnpickler:
+        return _ReplyUnpickler(file, fds, sender=self._process.pid)
 
     def _death(self, log_start: int) -> str:
         code = self.stop()
@@ -305,9 +308,10 @@ class _ReplyUnpickler(pickle.Unpickler):
                    "rebuild_tensor", "rebuild_storage_fd", "rebuild_storage_empty",
                    "rebuild_typed_storage", "rebuild_typed_storage_child"))}
 
-    def __init__(self, file, fds: list[int] = ()):
+    def __init__(self, file, fds: list[int] = (), sender: int | None = None):
         super().__init__(file)
         self.fds = list(fds)
+        self.sender = sender  # the kernel process' pid, which names the CUDA IPC counter files it makes
 
     def persistent_load(self, pid):
         return storage_from_fd(self.fds, pid)
@@ -316,25 +320,34 @@ class _ReplyUnpickler(pickle.Unpickler):
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
-            return _rebuild_cuda_tensor_unsynced
+            return functools.partial(_rebuild_cuda_tensor_unsynced, self.sender)
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused {module}.{name}")
 
 
-def _rebuild_cuda_tensor_unsynced(*args):
+def _rebuild_cuda_tensor_unsynced(sender: int | None, *args):
     """torch's rebuild_cuda_tensor with its last argument, event_sync_required, False: the judge's stream
     never waits on an event of the kernel's process. Such a wait is what hung the judge when a kernel's
     fault surfaced after its reply (an event behind a fault never completes, and torch synchronises the
     stream when the received tensor is freed). The kernel's process finishes the device's work before
     it replies (kernel_worker._settled); one that skips that, patched by the kernel, gets its output
-    read as it stands, never a judge that hangs."""
+    read as it stands, never a judge that hangs. The arguments are checked before torch acts on them
+    (``cuda_reply_problem``), the storage torch made after (``outside_its_allocation``)."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
     if len(args) != 15:
         raise pickle.UnpicklingError(f"rebuild_cuda_tensor with {len(args)} arguments, not 15")
-    tensor = rebuild_cuda_tensor(*args[:-1], False)
+    problem = cuda_reply_problem(args, sender)
+    if problem:
+        raise pickle.UnpicklingError(f"a CUDA tensor with {problem}")
+    try:
+        tensor = rebuild_cuda_tensor(*args[:-1], False)
+    except Exception as exc:  # noqa: BLE001 - whatever torch makes of a malformed share, it is not a reply
+        raise pickle.UnpicklingError(f"a CUDA tensor torch could not rebuild ({type(exc).__name__}: {exc})") from None
     storage = tensor.untyped_storage()
+    if storage.nbytes() != args[8]:
+        raise pickle.UnpicklingError(f"a CUDA storage of {storage.nbytes()} bytes, said to be {args[8]}")
     if storage.nbytes():
         pointer = storage.data_ptr()
         outside = outside_its_allocation(pointer, storage.nbytes(), args[9], allocation_of(pointer, storage.device))
@@ -343,12 +356,45 @@ def _rebuild_cuda_tensor_unsynced(*args):
     return tensor
 
 
-# A CUDA storage arrives as an IPC handle, the storage's offset into the allocation the handle maps, and its
-# size: torch maps the allocation and takes the size as told. A size past the allocation's end lets a
-# tensor on it (its view is checked against that size only) reach memory the kernel never shared: the
-# judge's copy of it would fault (and a fault ends the judge's CUDA context) or read the judge's own
-# memory. So its extent is checked against what the driver says the allocation is, as storage_from_fd
-# checks a CPU storage against its shared memory's size.
+# torch trusts the arguments of a CUDA tensor's rebuild: it maps the allocation a handle names (for an
+# expandable segment, from a header naming a process and file descriptors to take from it), decrements the
+# int64 at any offset of a shared-memory file the sender names, and a storage with no handle it allocates
+# anew in the judge, so a view on it shows whatever the judge's allocator last freed there. So a reply's
+# CUDA tensor must be what reduce_tensor writes for the sender's own cudaMalloc memory, checked first.
+
+REF_COUNTER_SLOTS = 10000  # int64 slots in one CUDA IPC counter file (torch's CUDA_IPC_REF_COUNTER_FILE_SIZE)
+
+
+def cuda_reply_problem(args: tuple, sender: int | None) -> str:
+    """What in the 15 arguments of a CUDA tensor's rebuild is not what torch's reduce_tensor writes for a
+    tensor in process ``sender``'s own cudaMalloc memory; "" when nothing is."""
+    (tensor_cls, size, stride, offset, storage_cls, dtype, device, handle, nbytes, storage_offset, requires_grad,
+     counter, counter_offset, event, _) = args
+
+    def ints(values) -> bool:
+        return isinstance(values, tuple) and all(type(v) is int for v in values)
+
+    if tensor_cls is not torch.Tensor or storage_cls not in (torch.storage.TypedStorage, torch.UntypedStorage):
+        return "classes other than a tensor's and its storage's"
+    if not (ints(size) and ints(stride) and len(size) == len(stride) and type(offset) is int
+            and isinstance(dtype, torch.dtype) and type(device) is int and type(requires_grad) is bool):
+        return "a view, dtype or device of other types than a tensor's"
+    if not torch.cuda.is_available():
+        return "no CUDA device here to hold it"
+    if handle is None or nbytes == 0:
+        return "" if 0 in size else "elements but no memory (torch would allocate it here)"
+    if not (type(handle) is bytes and (len(handle) == 64 or (len(handle) == 66 and handle[1:2] == b"c"))):
+        return "a handle that names no cudaMalloc allocation (an expandable segment's is not taken)"
+    if not (type(nbytes) is int and type(storage_offset) is int and nbytes > 0 and storage_offset >= 0):
+        return "a storage size or offset that is not a count of bytes"
+    if sender is None or not (type(counter) is bytes and counter.startswith(f"/torch_{sender}_".encode())):
+        return "a reference count in a file its process did not make"
+    if not (type(counter_offset) is int and 0 <= counter_offset < REF_COUNTER_SLOTS):
+        return f"a reference count at slot {counter_offset!r} of a file of {REF_COUNTER_SLOTS}"
+    if event is not None and type(event) is not bytes:
+        return "an event handle that is not bytes"
+    return ""
+
 
 def outside_its_allocation(pointer: int, nbytes: int, offset: int, allocation: tuple[int, int] | None) -> str:
     """Why a storage of ``nbytes`` at ``pointer``, said to lie ``offset`` bytes into the allocation its

@@ -40,6 +40,20 @@ def _die_with_parent() -> None:
 LOG_LIMIT_BYTES = 2**30  # the largest file this process may write (its log; shared memory for what it returns)
 
 
+ALLOC_CONF_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # torch's allocator settings, old and new name
+
+
+def _no_expandable_segments() -> None:
+    """This process' CUDA memory in plain cudaMalloc segments, whatever the environment says: the judge takes
+    a CUDA output only in memory it can check against its allocation (kernel_client.cuda_reply_problem),
+    and an expandable segment's share names a process and file descriptors for the judge to take. Set
+    before torch's allocator first reads its settings (at the first CUDA allocation)."""
+    for name in ALLOC_CONF_VARIABLES:
+        if "expandable_segments" in os.environ.get(name, ""):
+            kept = [p for p in os.environ[name].split(",") if p.strip() and "expandable_segments" not in p]
+            os.environ[name] = ",".join([*kept, "expandable_segments:False"])
+
+
 def serve(conn, log_path: str, clock_path: str) -> None:
     os.setpgrp()  # a group of its own: the judge kills it with every process the kernel started
     _die_with_parent()
@@ -50,6 +64,7 @@ def serve(conn, log_path: str, clock_path: str) -> None:
     os.dup2(log, 1)  # a kernel's prints and a fatal error's traceback go to the log, not the terminal
     os.dup2(log, 2)
     faulthandler.enable()
+    _no_expandable_segments()
     import torch  # noqa: F401 - imported before "ready", outside any call's time limit
 
     from conformance import compile_clock, kernel_side, registry, threads  # noqa: F401

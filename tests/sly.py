@@ -131,9 +131,8 @@ def returns_a_huge_view(q, k, v, **kwargs):
     return torch.zeros(1, dtype=q.dtype).expand(10**6, 10**6)
 
 
-def claims_memory_it_never_shared(q, k, v, **kwargs):
-    """Right, but its process' reply says its output's storage is 1 GiB larger than the allocation it shares,
-    and puts the output's view in that part: copying it reads memory the kernel never shared."""
+def _patch_cuda_replies(change):
+    """This process' CUDA replies, their rebuild arguments (torch's reduce_tensor) changed by ``change``."""
     from conformance import kernel_client
 
     original = kernel_client._SharingPickler.reducer_override
@@ -144,16 +143,37 @@ def claims_memory_it_never_shared(q, k, v, **kwargs):
             return reduced
         rebuild, args = reduced
         args = list(args)
-        args[8] += 2**30  # storage_size_bytes
-        args[3] += 2**30 // obj.element_size()  # the view's offset, in elements, into the claimed part
+        change(args, obj)
         return rebuild, tuple(args)
 
     kernel_client._SharingPickler.reducer_override = reducer_override
+
+
+def _claim_more(args, obj):
+    args[8] += 2**30  # storage_size_bytes
+    args[3] += 2**30 // obj.element_size()  # the view's offset, in elements, into the claimed part
+
+
+def _claim_none(args, obj):
+    args[7], args[8] = None, 0  # no handle: torch would give the view memory of the judge's own
+
+
+def claims_memory_it_never_shared(q, k, v, **kwargs):
+    """Right, but its process' reply says its output's storage is 1 GiB larger than the allocation it shares,
+    and puts the output's view in that part: copying it reads memory the kernel never shared."""
+    _patch_cuda_replies(_claim_more)
     return naive.attention(q, k, v, **kwargs)
 
 
-claims_memory_it_never_shared.conformance_capabilities = {"dtypes": ["fp16", "fp32"], "causal": [], "backward": False,
-                                                          "devices": ["cuda"]}
+def claims_no_memory(q, k, v, **kwargs):
+    """Right, but its process' reply shares no memory for its output: rebuilt as torch does, the output
+    would be whatever the judge's allocator hands out for it (what the judge last freed there)."""
+    _patch_cuda_replies(_claim_none)
+    return naive.attention(q, k, v, **kwargs)
+
+
+for _fn in (claims_memory_it_never_shared, claims_no_memory):
+    _fn.conformance_capabilities = {"dtypes": ["fp16", "fp32"], "causal": [], "backward": False, "devices": ["cuda"]}
 
 
 for _fn in (refuses_what_it_gets_wrong, returns_a_huge_view):

@@ -354,7 +354,7 @@ def test_the_judge_never_waits_on_an_event_of_the_kernels_process(monkeypatch):
 
     from conformance import kernel_client as kc
 
-    args = (torch.Tensor, (2, 3), (3, 1), 0, torch.UntypedStorage, torch.float16, 0, b"handle", 12, 0, False,
+    args = (torch.Tensor, (2, 3), (3, 1), 0, torch.UntypedStorage, torch.float16, 0, b"handle", 0, 0, False,
             b"counter", 0, b"event", True)
 
     class Reply:
@@ -365,10 +365,11 @@ def test_the_judge_never_waits_on_an_event_of_the_kernels_process(monkeypatch):
     seen = []
     rebuilt = torch.empty(0)  # no memory: nothing for the storage check below to ask the driver
     monkeypatch.setattr(reductions, "rebuild_cuda_tensor", lambda *a: seen.append(a) or rebuilt)
+    monkeypatch.setattr(kc, "cuda_reply_problem", lambda args, sender: "")  # its own test, below
     assert kc._ReplyUnpickler(io.BytesIO(data)).load() is rebuilt
     assert seen == [args[:-1] + (False,)]
     with pytest.raises(pickle.UnpicklingError, match="14 arguments"):
-        kc._rebuild_cuda_tensor_unsynced(*args[:-1])
+        kc._rebuild_cuda_tensor_unsynced(None, *args[:-1])
 
 
 def test_a_cuda_storage_is_taken_only_within_the_allocation_its_handle_maps(monkeypatch):
@@ -392,16 +393,55 @@ def test_a_cuda_storage_is_taken_only_within_the_allocation_its_handle_maps(monk
 
     rebuilt = torch.ones(4)
     monkeypatch.setattr(reductions, "rebuild_cuda_tensor", lambda *a: rebuilt)
+    monkeypatch.setattr(kc, "cuda_reply_problem", lambda args, sender: "")  # its own test, below
     pointer = rebuilt.untyped_storage().data_ptr()
     args = (torch.Tensor, (4,), (1,), 0, torch.UntypedStorage, torch.float32, 0, b"handle", 16, 64, False, b"c", 0,
             b"event", True)
     for allocation, taken in (((pointer - 64, 80), True), ((pointer - 64, 79), False), (None, False)):
         monkeypatch.setattr(kc, "allocation_of", lambda p, device, a=allocation: a)
         if taken:
-            assert kc._rebuild_cuda_tensor_unsynced(*args) is rebuilt
+            assert kc._rebuild_cuda_tensor_unsynced(7, *args) is rebuilt
         else:
             with pytest.raises(pickle.UnpicklingError, match="a CUDA storage"):
-                kc._rebuild_cuda_tensor_unsynced(*args)
+                kc._rebuild_cuda_tensor_unsynced(7, *args)
+    with pytest.raises(pickle.UnpicklingError, match="said to be 32"):  # a storage of another size than claimed
+        kc._rebuild_cuda_tensor_unsynced(7, *args[:8], 32, *args[9:])
+
+
+def test_a_cuda_tensors_rebuild_arguments_must_be_what_torch_writes_for_the_senders_own_memory(monkeypatch):
+    """Checked before torch acts on them: torch maps what a handle names (an expandable segment's handle
+    names a process and descriptors to take), decrements a counter at any offset of the file the sender
+    names, and gives a storage with no handle memory of the judge's own."""
+    from conformance import kernel_client as kc
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    good = (torch.Tensor, torch.Size((2, 3)), (3, 1), 0, torch.storage.TypedStorage, torch.float16, 0,
+            b"\x02c" + bytes(64), 2 << 20, 4096, False, b"/torch_4242_1965_0", 17, bytes(64), True)
+    assert kc.cuda_reply_problem(good, 4242) == ""
+    assert kc.cuda_reply_problem(good[:7] + (bytes(64),) + good[8:], 4242) == ""  # a bare cudaIpcMemHandle_t
+    empty = good[:1] + (torch.Size((0, 3)),) + good[2:7] + (None, 0) + good[9:]
+    assert kc.cuda_reply_problem(empty, 4242) == ""
+    bad = {"classes": (1, torch.Size), "view": (3, -0.5), "dtype": (5, "float16"),
+           "no memory": (7, None), "no cudaMalloc": (7, b"\x02e" + bytes(64)), "short handle": (7, b"\x02c"),
+           "count of bytes": (8, -1), "offset": (9, 1.5), "other file": (11, b"/torch_999_1965_0"),
+           "slot past the file": (12, 10000), "negative slot": (12, -1), "event": (13, "e")}
+    for what, (index, value) in bad.items():
+        assert kc.cuda_reply_problem(good[:index] + (value,) + good[index + 1:], 4242), what
+    assert "did not make" in kc.cuda_reply_problem(good, None)  # no sender known: no counter file is its
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA device" in kc.cuda_reply_problem(good, 4242)
+
+
+def test_the_kernels_process_keeps_its_cuda_memory_out_of_expandable_segments(monkeypatch):
+    """Their shares are not taken by the judge (above), so the kernel's process never makes them, whatever
+    the environment asks."""
+    from conformance import kernel_worker
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128,expandable_segments:True")
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    kernel_worker._no_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128,expandable_segments:False"
+    assert "PYTORCH_ALLOC_CONF" not in os.environ  # nothing set where nothing asked for them
 
 
 def test_the_judge_learns_that_a_backend_compiles_per_variant(tmp_path):
@@ -530,16 +570,17 @@ def test_a_killed_kernel_process_leaves_none_of_the_judges_cuda_inputs_allocated
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC: a GPU's")
-def test_a_cuda_reply_claiming_memory_it_never_shared_is_refused_and_the_judge_goes_on(pytester):
+@pytest.mark.parametrize("kernel, message", [("claims_memory_it_never_shared", "a CUDA storage"),
+                                             ("claims_no_memory", "elements but no memory")])
+def test_a_cuda_reply_claiming_memory_it_never_shared_is_refused_and_the_judge_goes_on(pytester, kernel, message):
     """The kernel patches its process' reply: its output's storage claimed 1 GiB larger and the view moved
-    into the claimed part. Copied, it would read past the allocation the kernel shared (a fault ends the
-    judge's CUDA context). Refused as not following the convention; the next backend's cases, judged in
-    the same process, pass."""
+    into the claimed part (copied, it would read past the allocation the kernel shared), or no memory shared
+    at all (torch would give it the judge's own). Refused as not following the convention, and its process
+    replaced: the next backend's cases pass."""
     case = "b2_q128_k128_h4_d64_fp16_seed1"
-    result, journal = run_sly(pytester, "claims_memory_it_never_shared,sdpa-math", "--check=forward", f"--case={case}",
-                              "--device=cuda")
+    result, journal = run_sly(pytester, f"{kernel},sdpa-math", "--check=forward", f"--case={case}", "--device=cuda")
     outcomes = {r["backend"]: r for r in journal.cases}
-    sly = outcomes["sly.py:claims_memory_it_never_shared"]
-    assert sly["findings"][0]["property"] == "contract" and "a CUDA storage" in sly["findings"][0]["message"], sly
+    sly = outcomes[f"sly.py:{kernel}"]
+    assert sly["findings"][0]["property"] == "contract" and message in sly["findings"][0]["message"], sly
     assert outcomes["sdpa-math"]["outcome"] == "passed", outcomes["sdpa-math"]
 
