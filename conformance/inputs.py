@@ -20,6 +20,10 @@ class Inputs:
     def clone(self) -> Inputs:
         return Inputs(*(t.detach().clone() for t in (self.q, self.k, self.v, self.dout)))
 
+    def to(self, device: str | torch.device) -> Inputs:
+        """A copy on ``device`` (views of a packed layout become tensors of their own)."""
+        return Inputs(*(t.detach().to(device, copy=True) for t in (self.q, self.k, self.v, self.dout)))
+
     def differing(self, other: Inputs, names=("q", "k", "v", "dout")) -> list[str]:
         """Which of ``names`` differ from ``other``'s: a kernel wrote into them, or they did not reach it."""
         return [n for n in names if not torch.equal(getattr(self, n).detach(), getattr(other, n).detach())]

@@ -190,7 +190,7 @@ def check_timed(timed: dict, backends: dict[str, Backend], case: Case, mode: str
     kept rows (forward output, and dq for forward+backward)."""
     rng = rng or secrets.SystemRandom()
     for s, (now, before) in enumerate(zip(sets, pristine)):
-        changed = now.differing(before)
+        changed = now.to(before.q.device).differing(before)
         if changed:
             verdict.fail("inputs-modified", f"{mode}: input set {s}'s {', '.join(changed)} changed while timed: "
                                             f"a backend wrote into its inputs")
@@ -204,7 +204,8 @@ def check_timed(timed: dict, backends: dict[str, Backend], case: Case, mode: str
                 masked, acc = backend.capabilities.masked_rows, backend.capabilities.accumulation
                 if (s, masked, acc) not in expected:
                     p = pristine[s]
-                    own = Inputs(p.q[:, block.slice], p.k[:, :block.keys], p.v[:, :block.keys], p.dout[:, block.slice])
+                    own = Inputs(p.q[:, block.slice], p.k[:, :block.keys], p.v[:, :block.keys],
+                                 p.dout[:, block.slice]).to(sets[s].q.device)
                     expected[s, masked, acc] = expected_for(own, block.sub, masked, dq is not None, acc)
                 exp = expected[s, masked, acc]
                 n = max(block.sub.seqlen_q, block.sub.seqlen_k)
@@ -225,7 +226,9 @@ def measure(backends: dict[str, Backend], case: Case, device: str, mode: str, ve
     (``speed_verdict.record``) with TFLOP/s and the GPU's state."""
     rng = secrets.SystemRandom()
     sets = input_sets(case, device, mode)
-    pristine = [s.clone() for s in sets]
+    # kept on the host, out of the kernel's reach: on a GPU it maps the whole cudaMalloc segment of each input
+    # sent to it, where a clone made here could lie too, and one changed with the inputs would hide the change
+    pristine = [s.to("cpu") for s in sets]
     blocks = [row_block(case, rng) for _ in sets]
     if set(backends) <= {"candidate", "against"}:
         against = backends.get("against")
