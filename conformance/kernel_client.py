@@ -25,7 +25,7 @@ from multiprocessing import reduction
 
 import torch
 
-from conformance import compile_clock, kernel_side
+from conformance import compile_clock, judge_memory, kernel_side
 from conformance.backend import (Backend, ContractError, DeviceFault, KernelCrashed, KernelRaised, KernelTimedOut,
                                  OutOfMemory, Unsupported)
 from conformance.capabilities import Capabilities
@@ -594,9 +594,10 @@ def storage_from_fd(fds: list[int], pid) -> torch.UntypedStorage:
 
 def _own(payload):
     """A reply with every tensor copied into this process's own memory at once: what the kernel's
-    process shared (its memory, its CUDA allocations) can then be released or reused by it."""
+    process shared (its memory, its CUDA allocations) can then be released or reused by it. A CUDA
+    tensor's copy goes to the judge's own pool (judge_memory.py), out of the kernel's reach."""
     if isinstance(payload, torch.Tensor):
-        return payload.clone()
+        return judge_memory.kept(payload) if payload.is_cuda else payload.clone()
     if isinstance(payload, (list, tuple)):
         return type(payload)(_own(p) for p in payload)
     if isinstance(payload, dict):
