@@ -79,6 +79,9 @@ def _release_device_memory() -> None:
     import torch
 
     if torch.cuda.is_initialized():
+        from conformance import judge_memory
+
+        judge_memory.release()  # its pool's unused memory too
         torch.cuda.empty_cache()
 
 

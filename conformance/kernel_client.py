@@ -189,7 +189,8 @@ class KernelProcess:
                 except (EOFError, OSError):  # the process died mid-call: its end of the pipe closed
                     self._process.join(10)
                     raise KernelCrashed(self._death(log_start)) from None
-                except Exception as exc:  # noqa: BLE001 - a reply that does not load is not a reply, whatever it raised
+                except (pickle.UnpicklingError, ProtocolError, ValueError, TypeError, RuntimeError, OverflowError,
+                        AttributeError, IndexError, KeyError) as exc:  # a malformed reply, not the judge's bug
                     self.stop()
                     raise ContractError(f"the kernel's process sent something other than tensors and plain data "
                                         f"({exc}); the judge does not load it") from None

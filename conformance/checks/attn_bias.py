@@ -21,7 +21,7 @@ import dataclasses
 
 import torch
 
-from conformance import grid, reference
+from conformance import grid, judge_memory, reference
 from conformance.backend import Backend, checked_output, invoke, kwargs_for
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -107,7 +107,7 @@ def masked_keys_do_not_matter(backend: Backend, case: Case, device: str, verdict
     if dead is None:
         return
     inputs = make_inputs(case, device)
-    out = _call(backend, inputs.q, inputs.k, inputs.v, case, attn_bias(case, device)).detach().clone()
+    out = judge_memory.copied(_call(backend, inputs.q, inputs.k, inputs.v, case, attn_bias(case, device)))
     gen = torch.Generator().manual_seed(case.seed + 11)
     with torch.no_grad():  # in place, so the layout is kept
         where = dead.to(inputs.k.device)

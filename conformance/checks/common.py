@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conformance import diagnosis, reference
+from conformance import diagnosis, judge_memory, reference
 from conformance.backend import Backend, call
 from conformance.case import Case
 from conformance.checks.forward import output_comparison
@@ -74,7 +74,7 @@ def masked_keys_do_not_matter(backend: Backend, case: Case, device: str, verdict
         return
     keys, rows = cut
     inputs = make_inputs(case, device)
-    out = call(backend, inputs.q, inputs.k, inputs.v, case).detach().clone()  # the next call may reuse its buffer
+    out = judge_memory.copied(call(backend, inputs.q, inputs.k, inputs.v, case))  # the next call may reuse its buffer
     with torch.no_grad():  # in place, so the layout (views, strides) is kept
         gen = torch.Generator().manual_seed(case.seed + 7)
         for t in (inputs.k, inputs.v):

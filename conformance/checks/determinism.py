@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from conformance import grid
+from conformance import grid, judge_memory
 from conformance.backend import Backend, call
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -49,7 +49,7 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     runs = []
     for _ in range(REPEATS):
         out = call(backend, inputs.q, inputs.k, inputs.v, case, **extra)
-        runs.append([g.detach().clone() for g in torch.autograd.grad(out, (inputs.q, inputs.k, inputs.v), inputs.dout)])
+        runs.append([judge_memory.copied(g) for g in torch.autograd.grad(out, (inputs.q, inputs.k, inputs.v), inputs.dout)])
     spread = {name: max(float((r[i].double() - runs[0][i].double()).abs().max()) for r in runs[1:])
               for i, name in enumerate(GRAD_NAMES)}
     verdict.measurements["backward_spread"] = spread

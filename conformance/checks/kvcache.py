@@ -21,7 +21,7 @@ import itertools
 
 import torch
 
-from conformance import grid
+from conformance import grid, judge_memory
 from conformance.backend import Backend, call_kvcache, checked_output, invoke, kwargs_for
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -111,12 +111,13 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     k_cache, v_cache = inputs.k.contiguous().clone(), inputs.v.contiguous().clone()
     lengths = torch.tensor(case.cache_seqlens, dtype=torch.int32, device=k_cache.device)
     given = (inputs.q.clone(), k_new.clone(), v_new.clone(), lengths.clone())
+    inputs, k_new, v_new, lengths = judge_memory.copied((inputs, k_new, v_new, lengths))  # out of its reach
     originals = (inputs.q, k_new, v_new, lengths)
     if case.page_block is None:
         out = call_kvcache(backend, *given[:1], k_cache, v_cache, *given[1:], case)
     else:
         table, spare, (k_pages, v_pages) = _paged(case, k_cache, v_cache)
-        spare_before = (k_pages[spare].clone(), v_pages[spare].clone())
+        spare_before = judge_memory.copied((k_pages[spare], v_pages[spare]))
         given, originals = given + (table.clone(),), originals + (table,)
         out = call_kvcache(backend, *given[:1], k_pages, v_pages, *given[1:4], case, block_table=given[4])
         if not (torch.equal(k_pages[spare], spare_before[0]) and torch.equal(v_pages[spare], spare_before[1])):
@@ -165,6 +166,8 @@ def _run_mixed(backend: Backend, case: Case, device: str, verdict: Verdict) -> V
         table, _, (k, v) = _paged(case, k_full, v_full)
         originals = (q, k, v, cu_q, cu_k, table)
     given = tuple(t.clone() for t in originals)
+    # what the verdict is computed from, out of the kernel's reach (judge_memory.py): it gets the copies above
+    originals, inputs, k_full, v_full = judge_memory.copied((originals, inputs, k_full, v_full))
     kwargs = kwargs_for(backend, case, q.device)
     kwargs.pop("causal_alignment", None)  # a cache is read bottom-right aligned by definition
     if case.page_block is not None:

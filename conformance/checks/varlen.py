@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from conformance import grid
+from conformance import grid, judge_memory
 from conformance.backend import Backend, call_varlen
 from conformance.case import Case
 from conformance.checks.check import Check
@@ -60,7 +60,7 @@ def run(backend: Backend, case: Case, device: str) -> Verdict:
     q, k, v = _packed(inputs, lens)
     bounds = [0, *itertools.accumulate(lens)]
     cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=q.device)
-    out = call_varlen(backend, q, k, v, cu_seqlens, max(lens), case).detach().clone()
+    out = judge_memory.copied(call_varlen(backend, q, k, v, cu_seqlens, max(lens), case))
     for i, n in enumerate(lens):
         sub = case.replace(batch=1, seqlen_q=n, seqlen_k=n, varlen=None)
         own = Inputs(*(t[i: i + 1, :n] for t in (inputs.q, inputs.k, inputs.v, inputs.dout)))
