@@ -78,13 +78,14 @@ def _mapped(value, tensor):
 
 def kept(value):
     """``value`` with each CUDA tensor in it moved into the judge's own pool (a copy); CPU tensors as they
-    are: for what the judge made itself and keeps (a reference, its copy of a reply)."""
+    are: for what the judge made itself and keeps (a cached reference)."""
     return _mapped(value, lambda t: _copy(t) if t.is_cuda else t)
 
 
 def copied(value):
     """``value`` with each tensor in it copied, a CUDA tensor into the judge's own pool: for what the judge
-    keeps across a call into the kernel (an earlier output, a pristine copy of inputs)."""
+    takes from the kernel or keeps across a call into it (a reply as it arrives, an earlier output, a
+    pristine copy of inputs)."""
     return _mapped(value, lambda t: _copy(t) if t.is_cuda else t.detach().clone())
 
 

@@ -163,7 +163,9 @@ class KernelProcess:
                 if out.numel() > like.numel():  # shape, dtype and device are held to q's after the copy
                     raise ContractError(f"backend returned shape {tuple(out.shape)} ({out.numel()} elements), more "
                                         f"than q's {tuple(like.shape)}")
-            return _own(payload)
+            # every tensor copied at once into the judge's own memory (a CUDA one into its pool, out of the
+            # kernel's reach): what the kernel's process shared can then be released or reused by it
+            return judge_memory.copied(payload)
         if status == "unsupported":
             raise Unsupported(payload)
         if status == "oom":
@@ -591,19 +593,6 @@ def storage_from_fd(fds: list[int], pid) -> torch.UntypedStorage:
         storage = torch.UntypedStorage._new_shared_fd_cpu(fd, size)
         shared_cache[key] = StorageWeakRef(storage)
     return storage
-
-
-def _own(payload):
-    """A reply with every tensor copied into this process's own memory at once: what the kernel's
-    process shared (its memory, its CUDA allocations) can then be released or reused by it. A CUDA
-    tensor's copy goes to the judge's own pool (judge_memory.py), out of the kernel's reach."""
-    if isinstance(payload, torch.Tensor):
-        return judge_memory.kept(payload) if payload.is_cuda else payload.clone()
-    if isinstance(payload, (list, tuple)):
-        return type(payload)(_own(p) for p in payload)
-    if isinstance(payload, dict):
-        return {k: _own(v) for k, v in payload.items()}
-    return payload
 
 
 def _kill_group(pgid: int) -> None:
